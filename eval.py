@@ -1,0 +1,150 @@
+"""Exact-match accuracy per problem length, in distribution and beyond (paper Sec. 5, Fig. 3).
+
+    python eval.py                                  # every run under runs/
+    python eval.py runs/addition-retuning --lengths 1-20 --per-length 50
+
+Writes results/results.json, results/results.md and one plot per task (accuracy against length,
+one line per method, the longest training length marked), and prints the first failures with the
+context where each went wrong.
+"""
+import argparse
+import glob
+import json
+import os
+import time
+
+import torch
+from tqdm import tqdm
+
+import tasks
+from decoder import decode
+from retuning import eval_limits, load_run
+
+
+def parse_lengths(text: str) -> list:
+    """"1-8,12,16" -> [1, ..., 8, 12, 16]."""
+    out = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        out += list(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def first_error(ctx, truth: dict):
+    """(context text, expected, got) at the first place the model's call tree leaves the true one.
+
+    `truth` maps each true context's prompt to its true segments. A wrong resume means a child
+    returned a wrong value, so the search descends into that child.
+    """
+    true = truth.get(ctx.prompt)
+    if true is None:
+        return ctx.prompt, "(a sub-problem of the true trace)", "this sub-problem"
+    children, child = iter(ctx.children), None
+    for i, seg in enumerate(ctx.segments[1:], 1):
+        if i % 2 == 1 and seg.endswith("\n") and "Call: " in seg:
+            child = next(children, None)
+        if i >= len(true) or seg != true[i]:
+            if i % 2 == 0 and child is not None:
+                return first_error(child, truth)
+            return "".join(ctx.segments[:i]), true[i] if i < len(true) else "(nothing)", seg
+    return "".join(ctx.segments), true[len(ctx.segments)] if len(ctx.segments) < len(true) else "", "(stopped)"
+
+
+def describe(task, method, s) -> str:
+    truth = {segs[0]: segs for segs in tasks.TASKS[task].trace(s.problem, method)}
+    where, want, got = first_error(s.root, truth)
+    reason = f" [{s.error}]" if s.error else ""
+    return (f"  {s.problem} -> {s.answer!r}, true {tasks.TASKS[task].answer(s.problem)!r}{reason}\n"
+            f"    in context {where[-120:]!r}\n    expected {want[:120]!r}\n    got      {got[:120]!r}")
+
+
+def evaluate(run, lengths, per_length, seed, batch_size, device, n_failures=3):
+    model, tok, cfg = load_run(run, device)
+    task, method = cfg["task"], cfg["method"]
+    acc, count, failures, n_tokens = {}, {}, [], 0
+    t0 = time.time()
+    bar = tqdm(total=len(lengths) * per_length, desc=os.path.basename(run.rstrip("/")), dynamic_ncols=True)
+    for L in lengths:
+        problems = tasks.eval_problems(task, L, per_length, seed)
+        lim = eval_limits(task, method, tok, problems[:1])
+        correct = 0
+        for b in range(0, len(problems), batch_size):
+            for s in decode(model, tok, task, method, problems[b:b + batch_size], lim):
+                ok = s.answer == tasks.TASKS[task].answer(s.problem)
+                correct += ok
+                n_tokens += s.n_generated
+                if not ok and len(failures) < n_failures:
+                    failures.append(describe(task, method, s))
+            bar.update(len(problems[b:b + batch_size]))
+        acc[str(L)], count[str(L)] = correct / len(problems), len(problems)
+    bar.close()
+    dt = time.time() - t0
+    print(f"{run}: {len(lengths) * per_length / dt:.1f} problems/s, {n_tokens / dt:.0f} generated tokens/s")
+    if failures:
+        print("first failures:\n" + "\n".join(failures))
+    return {"run": run, "task": task, "method": method, "train_length": cfg["train_length"],
+            "accuracy": acc, "count": count, "seconds": round(dt, 1), "generated_tokens": n_tokens}
+
+
+def table(results) -> str:
+    lengths = sorted({int(L) for r in results for L in r["accuracy"]})
+    head = "| task | method | train ≤ | " + " | ".join(map(str, lengths)) + " |"
+    rows = [head, "|" + "---|" * (3 + len(lengths))]
+    for r in results:
+        cells = [f"{100 * r['accuracy'][str(L)]:.0f}" if str(L) in r["accuracy"] else "" for L in lengths]
+        rows.append(f"| {r['task']} | {r['method']} | {r['train_length']} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def plot(results, out):
+    """One figure per task, like the poster's: accuracy (%) against length, one line per method."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    for task in sorted({r["task"] for r in results}):
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        for r in [r for r in results if r["task"] == task]:
+            xs = sorted(int(L) for L in r["accuracy"])
+            ax.plot(xs, [100 * r["accuracy"][str(L)] for L in xs], marker="o", ms=3, label=r["method"])
+            ax.axvline(r["train_length"] + 0.5, color="gray", ls="--", lw=1)
+        ax.set(title=f"{task} (dashed: longest training length)", xlabel="problem length",
+               ylabel="accuracy (%)", ylim=(-3, 103))
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, f"{task}.png"), dpi=120)
+        plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="*", help="run folders (default: every run under runs/)")
+    p.add_argument("--lengths", default=None, help="e.g. 1-32 or 2,4,8 (default: 1 to 2x the training length)")
+    p.add_argument("--per-length", type=int, default=20)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default="results")
+    args = p.parse_args(argv)
+    runs = args.runs or sorted(os.path.dirname(c) for c in glob.glob("runs/*/config.json"))
+    if not runs:
+        raise SystemExit("no runs found under runs/: train one first (python retuning.py train --task addition)")
+    results = []
+    for run in runs:
+        with open(os.path.join(run, "config.json")) as f:
+            cfg = json.load(f)
+        low = 2 if cfg["task"] == "dp" else 1
+        lengths = parse_lengths(args.lengths) if args.lengths else list(range(low, 2 * cfg["train_length"] + 1))
+        results.append(evaluate(run, lengths, args.per_length, args.seed, args.batch_size, args.device))
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"runs": results}, f, indent=1)
+    md = table(results)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(md + "\n")
+    plot(results, args.out)
+    print(md)
+    print(f"wrote {args.out}/results.json, results.md and one plot per task")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""LoRA (Hu et al. 2021), by composition: a wrapper that holds the frozen nn.Linear it adapts.
+
+        x ──► base: frozen W (out × in) ─────────────────────────────┐
+        │                                                            + ──► y
+        └──► dropout ──► lora_A (r × in) ──► lora_B (out × r) ──► × alpha/r
+
+lora_B starts at zero, so an adapted model computes exactly what its base does until the first
+update. Re-Tuning fine-tunes LLaMA this way (paper Sec. 4: r=64, alpha=64, dropout 0.05 on
+q, k, v, o). Adapters are saved alone, in PEFT's layout, so `peft.PeftModel.from_pretrained` puts
+ours on a transformers model and ours loads theirs.
+"""
+import json
+import math
+import os
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from model import atomic_write, hf_key, write_text
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        w = base.weight
+        # nn.Linear, so the state-dict keys end in ".lora_A.weight" exactly as PEFT's do; kept in
+        # float32 even on a bf16 base, so small updates are not rounded away by the optimizer
+        self.lora_A = nn.Linear(base.in_features, r, bias=False, device=w.device, dtype=torch.float32)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False, device=w.device, dtype=torch.float32)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # loralib / PEFT init
+        nn.init.zeros_(self.lora_B.weight)
+        self.scaling = alpha / r
+        self.dropout = nn.Dropout(dropout)
+        self.merged = False
+
+    def forward(self, x):
+        y = self.base(x)
+        if self.merged:  # the update already lives in base.weight
+            return y
+        a = self.lora_A.weight
+        return y + (self.lora_B(self.lora_A(self.dropout(x).to(a.dtype))) * self.scaling).to(y.dtype)
+
+    def delta(self) -> torch.Tensor:
+        # in float32 whatever the weights' dtype: B @ A rounded to bf16 then added loses the update
+        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+
+    @torch.no_grad()
+    def merge(self):
+        """Fold the update into the base weight; a second call does nothing."""
+        if not self.merged:
+            w = self.base.weight
+            w.copy_((w.float() + self.delta()).to(w.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged:
+            w = self.base.weight
+            w.copy_((w.float() - self.delta()).to(w.dtype))
+            self.merged = False
+
+
+def apply_lora(model: nn.Module, r=64, alpha=64, dropout=0.05, targets=("q_proj", "k_proj", "v_proj", "o_proj")):
+    """Wrap every nn.Linear whose name ends in one of `targets`; freeze everything else."""
+    unknown = set(targets) - set(TARGETS)
+    if unknown:
+        raise ValueError(f"unknown LoRA target(s) {sorted(unknown)}; choose from {TARGETS}")
+    model.requires_grad_(False)
+    wrapped = [(n, m) for n, m in model.named_modules()
+               if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in targets]
+    for name, linear in wrapped:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, LoRALinear(linear, r, alpha, dropout))
+    model.lora_config = {"r": r, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": sorted(targets)}
+    return model
+
+
+def lora_layers(model):
+    return [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+
+def merge_lora(model):
+    for m in lora_layers(model):
+        m.merge()
+    return model
+
+
+def unmerge_lora(model):
+    for m in lora_layers(model):
+        m.unmerge()
+    return model
+
+
+def lora_state(model) -> dict:
+    """The adapter alone (loralib's `'lora_' in k` filter)."""
+    return {k: v for k, v in model.state_dict().items() if "lora_" in k}
+
+
+def save_adapter(model, path, base_name=""):
+    """adapter_model.safetensors + adapter_config.json, keys as PEFT writes them."""
+    os.makedirs(path, exist_ok=True)
+    state = {"base_model.model." + hf_key(k): v.detach().contiguous() for k, v in lora_state(model).items()}
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name,
+              "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+              "init_lora_weights": True, "use_rslora": False, "use_dora": False,
+              "modules_to_save": None, **model.lora_config}
+    atomic_write(os.path.join(path, "adapter_model.safetensors"), lambda f: save_file(state, f, metadata={"format": "pt"}))
+    atomic_write(os.path.join(path, "adapter_config.json"), lambda f: write_text(f, json.dumps(config, indent=2)))
+
+
+def load_adapter(model, path):
+    """Put a PEFT-layout adapter (ours or PEFT's) on `model`; strict about keys and shapes."""
+    with open(os.path.join(path, "adapter_config.json")) as f:
+        cfg = json.load(f)
+    for key in ("use_rslora", "use_dora", "rank_pattern", "alpha_pattern", "modules_to_save"):
+        if cfg.get(key):
+            raise ValueError(f"{path}: unsupported adapter setting {key}={cfg[key]!r}")
+    targets = cfg["target_modules"]
+    targets = [targets] if isinstance(targets, str) else targets
+    if not lora_layers(model):
+        apply_lora(model, cfg["r"], cfg["lora_alpha"], cfg.get("lora_dropout", 0.0), tuple(targets))
+    # PEFT keys: base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight (".default" in memory)
+    theirs = load_file(os.path.join(path, "adapter_model.safetensors"))
+    state = {k.removeprefix("base_model.model.").removeprefix("model.").replace(".default", ""): v
+             for k, v in theirs.items()}
+    ours = lora_state(model)
+    problems = [f"missing {k}" for k in ours if k not in state]
+    problems += [f"unexpected {k}" for k in state if k not in ours]
+    problems += [f"{k} has shape {tuple(state[k].shape)}, expected {tuple(v.shape)}"
+                 for k, v in ours.items() if k in state and state[k].shape != v.shape]
+    if problems:
+        raise ValueError(f"{path}: adapter does not fit the model: " + "; ".join(problems[:5]))
+    model.load_state_dict(state, strict=False)  # strictness checked above: base weights stay
+    return model

@@ -1,0 +1,421 @@
+"""A Llama in one file: the model, its key/value cache, Hugging Face checkpoint I/O, the tokenizer.
+
+The numbers are those of transformers' LlamaForCausalLM (tests/test_model.py checks logits to
+1e-5 in float32). Module names mirror the Hugging Face keys, minus their leading "model.", so
+loading is a strict, shape-checked copy rather than a translation table.
+
+What differs from the usual single-sequence Llama, and why (Re-Tuning, Sec. 3):
+- the KV cache is an object owned by the caller and passed to forward(); it is a pool of
+  independent slots, because the recursive decoder keeps one cache per open context (a parent
+  is suspended, with its cache intact, while its child runs in a fresh one);
+- one forward call advances a ragged batch: each row is a slot with its own position and its
+  own number of new tokens (a prefill of a child prompt beside a one-token decode step).
+"""
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import sentencepiece as spm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or config that cannot be loaded; the message names what is wrong."""
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: Optional[int] = None  # grouped-query attention when < n_heads
+    head_dim: Optional[int] = None  # defaults to dim // n_heads
+    hidden_dim: int = 688  # SwiGLU inner size
+    vocab_size: int = 1024
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[dict] = None  # {"rope_type": "linear" | "llama3", ...}
+    max_seq_len: int = 2048
+    tie_word_embeddings: bool = False
+    bos_id: int = 1
+    eos_id: int = 2
+    dtype: str = "float32"  # dtype of the stored weights
+
+    def __post_init__(self):
+        self.n_kv_heads = self.n_kv_heads or self.n_heads
+        self.head_dim = self.head_dim or self.dim // self.n_heads
+        if self.n_heads % self.n_kv_heads:
+            raise CheckpointError(f"num_attention_heads={self.n_heads} is not a multiple of num_key_value_heads={self.n_kv_heads}")
+        kind = (self.rope_scaling or {}).get("rope_type", "default")
+        if kind not in ("default", "linear", "llama3"):
+            raise CheckpointError(f"unsupported rope type {kind!r} (rope_scaling.rope_type); supported: default, linear, llama3")
+
+    @classmethod
+    def from_hf(cls, cfg: dict) -> "ModelArgs":
+        """Explicit mapping from a transformers config.json (v4 or v5 layout)."""
+        for key, bad in (("attention_bias", True), ("mlp_bias", True)):
+            if cfg.get(key, False) == bad:
+                raise CheckpointError(f"config.json: unsupported setting {key}={bad}")
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise CheckpointError(f"config.json: unsupported setting hidden_act={cfg['hidden_act']!r}")
+        # v5 keeps theta and scaling together in rope_parameters; v4 has rope_theta + rope_scaling.
+        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        if "type" in rope:  # older v4 spelling of rope_type
+            rope["rope_type"] = rope.pop("type")
+        theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
+        if rope.get("partial_rotary_factor", 1.0) != 1.0:
+            raise CheckpointError("config.json: unsupported setting partial_rotary_factor")
+        eos = cfg.get("eos_token_id", 2)
+        try:
+            return cls(
+                dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
+                n_heads=cfg["num_attention_heads"], n_kv_heads=cfg.get("num_key_value_heads"),
+                head_dim=cfg.get("head_dim"), hidden_dim=cfg["intermediate_size"],
+                vocab_size=cfg["vocab_size"], norm_eps=cfg.get("rms_norm_eps", 1e-6),
+                rope_theta=float(theta), rope_scaling=rope if rope.get("rope_type", "default") != "default" else None,
+                max_seq_len=cfg.get("max_position_embeddings", 2048),
+                tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+                bos_id=cfg.get("bos_token_id", 1), eos_id=eos[0] if isinstance(eos, list) else eos,
+                dtype=str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32"))
+        except KeyError as e:
+            raise CheckpointError(f"config.json: missing key {e.args[0]!r}") from None
+
+    def to_hf(self) -> dict:
+        rope = {"rope_type": "default", **(self.rope_scaling or {}), "rope_theta": self.rope_theta}
+        return {
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "hidden_size": self.dim, "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads, "num_key_value_heads": self.n_kv_heads,
+            "head_dim": self.head_dim, "intermediate_size": self.hidden_dim,
+            "vocab_size": self.vocab_size, "rms_norm_eps": self.norm_eps, "hidden_act": "silu",
+            "max_position_embeddings": self.max_seq_len, "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_id, "eos_token_id": self.eos_id,
+            "attention_bias": False, "mlp_bias": False,
+            # Both spellings, so transformers v4 (rope_theta/rope_scaling/torch_dtype) and v5
+            # (rope_parameters/dtype) read the same model.
+            "rope_theta": self.rope_theta, "rope_scaling": rope if self.rope_scaling else None,
+            "rope_parameters": rope, "dtype": self.dtype, "torch_dtype": self.dtype,
+        }
+
+
+def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
+    """Rotation frequency of each pair of channels (float32), with the config's scaling applied."""
+    hd = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+    s = args.rope_scaling or {}
+    if s.get("rope_type") == "linear":  # position interpolation: positions divided by factor
+        return inv_freq / s["factor"]
+    if s.get("rope_type") == "llama3":  # Llama 3.1: slow only the low frequencies, blend the middle
+        old, lo, hi = s["original_max_position_embeddings"], s["low_freq_factor"], s["high_freq_factor"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old / lo, inv_freq / s["factor"], inv_freq)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        blended = (1 - smooth) * scaled / s["factor"] + smooth * scaled
+        middle = (wavelen >= old / hi) & (wavelen <= old / lo)
+        return torch.where(middle, blended, scaled)
+    return inv_freq
+
+
+def apply_rope(x, cos, sin):
+    # Hugging Face "rotate half" layout: channel i is paired with channel i + head_dim/2, not with
+    # its neighbour as in Meta's original code. HF checkpoints permuted q/k weights to match it, so
+    # using the interleaved form here would silently produce gibberish after a few tokens.
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # computed in float32, cast back before the gain exactly as transformers does
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(self, x, cos, sin, cache=None, layer=0, step=None):
+        B, T, _ = x.shape  # batch, time, model dim
+        # QKV, heads into a batch dimension: (B, nh, T, hd)
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        # RoPE at each token's absolute position
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is None:  # whole sequences: plain causal attention
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:  # write the new keys/values into their slots, attend over each slot's prefix
+            k, v = cache.update(layer, step, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask, enable_gqa=True)
+        # restore time as the batch dimension, final projection into the residual stream
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(args.hidden_dim, args.dim, bias=False)
+
+    def forward(self, x):  # SwiGLU (Shazeer 2020), as in Llama
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.self_attn = Attention(args)
+        self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.mlp = MLP(args)
+
+    def forward(self, x, cos, sin, cache=None, layer=0, step=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, step)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+@dataclass
+class Step:
+    """Where one ragged forward call reads and writes in a KVCache (built on the host)."""
+    slots: torch.Tensor  # (B,) slot of each row
+    pos: torch.Tensor  # (B, T) absolute position of each input token
+    write_slot: torch.Tensor  # (N,) one entry per real (non-padding) token
+    write_pos: torch.Tensor  # (N,)
+    write_row: torch.Tensor  # (N,) which (row, time) of the input each write comes from
+    write_t: torch.Tensor
+    mask: torch.Tensor  # (B, 1, T, S) True where a query may attend to a cached key
+
+
+class KVCache:
+    """Keys and values of many independent sequences ("slots"), owned by the caller.
+
+    k, v: (n_layers, n_slots, n_kv_heads, max_len, head_dim). Lengths live on the host: the
+    decoder's control flow needs them anyway, so planning a step costs no device sync.
+    """
+
+    def __init__(self, args: ModelArgs, n_slots: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (args.n_layers, n_slots, args.n_kv_heads, max_len, args.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.length = [0] * n_slots
+        self.free = list(range(n_slots - 1, -1, -1))
+
+    def alloc(self) -> int:
+        """A fresh, empty slot; the pool doubles when all are in use."""
+        if not self.free:
+            n = len(self.length)
+            self.k = torch.cat([self.k, torch.zeros_like(self.k)], dim=1)
+            self.v = torch.cat([self.v, torch.zeros_like(self.v)], dim=1)
+            self.length += [0] * n
+            self.free = list(range(2 * n - 1, n - 1, -1))
+        slot = self.free.pop()
+        self.length[slot] = 0
+        return slot
+
+    def release(self, slot: int):
+        self.length[slot] = 0
+        self.free.append(slot)
+
+    def in_use(self) -> int:
+        return len(self.length) - len(self.free)
+
+    def plan(self, slots: list, n_new: list, T: int) -> Step:
+        start = torch.tensor([self.length[s] for s in slots])
+        n_new = torch.tensor(n_new)
+        if int((start + n_new).max()) > self.max_len:
+            raise ValueError(f"KV cache overflow: a sequence would exceed max_len={self.max_len}")
+        pos = start[:, None] + torch.arange(T)[None, :]  # (B, T)
+        rows, ts = (torch.arange(T)[None, :] < n_new[:, None]).nonzero(as_tuple=True)
+        S = int((start + n_new).max())
+        mask = torch.arange(S)[None, None, None, :] <= pos[:, None, :, None]  # causal over absolute positions
+        dev = self.k.device
+        slots_t = torch.tensor(slots)
+        return Step(slots_t.to(dev), pos.to(dev), slots_t[rows].to(dev), pos[rows, ts].to(dev),
+                    rows.to(dev), ts.to(dev), mask.to(dev))
+
+    def update(self, layer: int, step: Step, k, v):
+        """Store the new (B, h, T, hd) keys/values of real tokens; return each row's full prefix."""
+        ck, cv = self.k[layer], self.v[layer]
+        ck[step.write_slot, :, step.write_pos] = k.transpose(1, 2)[step.write_row, step.write_t].to(ck.dtype)
+        cv[step.write_slot, :, step.write_pos] = v.transpose(1, 2)[step.write_row, step.write_t].to(cv.dtype)
+        S = step.mask.shape[-1]
+        return ck[step.slots, :, :S].to(k.dtype), cv[step.slots, :, :S].to(v.dtype)
+
+
+class Llama(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:  # one matrix for input and output (Press & Wolf 2017)
+            self.lm_head.weight = self.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+        self.gradient_checkpointing = False
+
+    def init_weights(self, seed: int):
+        """Random init for training from scratch (N(0, 0.02), the transformers default)."""
+        g = torch.Generator().manual_seed(seed)
+        for name, p in self.named_parameters():
+            if name.endswith("layernorm.weight") or name == "norm.weight":
+                nn.init.ones_(p)
+            else:
+                with torch.no_grad():
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+
+    def forward(self, tokens, cache: Optional[KVCache] = None, slots=None, n_new=None, last_only=False):
+        """tokens (B, T) -> logits (B, T, V), or (B, V) at each row's last real token.
+
+        Without a cache the rows are whole sequences starting at position 0 (right padding is
+        harmless under the causal mask). With a cache, row b appends its first n_new[b] tokens to
+        slot slots[b]; the rest of the row is padding, neither stored nor attended to.
+        """
+        B, T = tokens.shape
+        n_new = list(n_new) if n_new is not None else [T] * B
+        step = None
+        if cache is None:
+            pos = torch.arange(T, device=tokens.device)[None, :].expand(B, T)
+        else:
+            step = cache.plan(list(slots), n_new, T)
+            pos = step.pos
+        freqs = pos[..., None].float() * self.inv_freq  # (B, T, hd/2), float32
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd) broadcast over heads
+        x = self.embed_tokens(tokens)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        for i, layer in enumerate(self.layers):
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, cache, i, step)
+        if cache is not None:  # advance positions once, after every layer has written
+            for s, n in zip(slots, n_new):
+                cache.length[s] += n
+        if last_only:
+            x = x[torch.arange(B, device=x.device), torch.tensor(n_new, device=x.device) - 1]
+        return self.lm_head(self.norm(x)).float()
+
+    # ---------------------------------------------------------------- Hugging Face checkpoints
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device=None) -> "Llama":
+        """Load config.json + model.safetensors (or shards + index) strictly, one tensor at a time."""
+        cfg_file = os.path.join(path, "config.json")
+        if not os.path.exists(cfg_file):
+            raise CheckpointError(f"{path}: no config.json")
+        with open(cfg_file) as f:
+            args = ModelArgs.from_hf(json.load(f))
+        dtype = dtype or getattr(torch, args.dtype)
+        with torch.device("meta"):  # no memory until real tensors are assigned
+            model = cls(args)
+        state = read_safetensors(path, device or "cpu", dtype)
+        check_state(model, state, path)
+        if args.tie_word_embeddings:
+            state["lm_head.weight"] = state["embed_tokens.weight"]
+        model.load_state_dict(state, strict=True, assign=True)
+        if args.tie_word_embeddings:  # assign=True replaced both parameters: tie them again
+            model.lm_head.weight = model.embed_tokens.weight
+        model.inv_freq = rope_inv_freq(args).to(device or "cpu")
+        return model
+
+    def save_pretrained(self, path):
+        """Write config.json + model.safetensors in the layout transformers loads."""
+        os.makedirs(path, exist_ok=True)
+        state = {hf_key(k): v.detach().contiguous() for k, v in self.state_dict().items()
+                 if not (self.args.tie_word_embeddings and k == "lm_head.weight")}
+        if any("lora" in k for k in state):
+            raise ValueError("save_pretrained: model has LoRA layers; merge them or use lora.save_adapter")
+        cfg = {**self.args.to_hf(), "dtype": str(next(self.parameters()).dtype).removeprefix("torch.")}
+        cfg["torch_dtype"] = cfg["dtype"]
+        atomic_write(os.path.join(path, "model.safetensors"), lambda f: save_file(state, f, metadata={"format": "pt"}))
+        atomic_write(os.path.join(path, "config.json"), lambda f: write_text(f, json.dumps(cfg, indent=2)))
+
+
+def hf_key(name: str) -> str:
+    """Our parameter name -> the Hugging Face key: everything but the LM head lives under "model."."""
+    return name if name.startswith("lm_head") else "model." + name
+
+
+def read_safetensors(path, device, dtype) -> dict:
+    """All tensors of a single-file or sharded checkpoint, keyed by our names, each cast on load."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.exists(os.path.join(path, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    state = {}
+    for name in files:
+        try:
+            with safe_open(os.path.join(path, name), framework="pt", device=str(device)) as f:
+                for key in f.keys():
+                    ours = key.removeprefix("model.")
+                    state[ours] = f.get_tensor(key).to(dtype=dtype)
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{os.path.join(path, name)}: unreadable safetensors file ({e})") from None
+    state.pop("rotary_emb.inv_freq", None)  # some exporters store the (recomputed) frequencies
+    return state
+
+
+def check_state(model: nn.Module, state: dict, path):
+    """One error listing every missing, unexpected or wrongly shaped tensor."""
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if model.args.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+    problems = [f"missing tensor {hf_key(k)}" for k in expected if k not in state]
+    problems += [f"unexpected tensor {hf_key(k)}" for k in state if k not in expected]
+    problems += [f"tensor {hf_key(k)} has shape {tuple(state[k].shape)}, expected {tuple(s)}"
+                 for k, s in expected.items() if k in state and state[k].shape != s]
+    if problems:
+        raise CheckpointError(f"{path}: " + "; ".join(problems))
+
+
+def atomic_write(path, write):
+    """Write via a temporary file then rename, so a crash never leaves a half-written file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_text(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+
+
+class Tokenizer:
+    """SentencePiece, as shipped with Llama checkpoints: encode() adds no BOS/EOS."""
+
+    def __init__(self, path):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"tokenizer model not found: {path}")
+        self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        self.vocab_size = self.sp.get_piece_size()
+
+    def encode(self, text: str) -> list:
+        return self.sp.encode(text)
+
+    def decode(self, ids) -> str:
+        return self.sp.decode(list(ids))

@@ -1,0 +1,179 @@
+"""The recursive decoder against its oracles. Run: python -m pytest tests/test_decoder.py -q
+
+Three kinds of model drive it: a scripted "perfect" model that emits the true trace (checks the
+control flow: calls, resumes, DP's two calls, the final answer), a briefly trained tiny Llama
+(checks the fast decoder against the naive full-recompute oracle token for token) and random
+models (garbage must end in failures with reasons, never an exception or a hang).
+"""
+import random
+
+import pytest
+import torch
+
+import retuning
+import tasks
+from decoder import Limits, decode, decode_naive, format_trace
+from model import KVCache, Llama, ModelArgs, Tokenizer
+
+TOK = Tokenizer(retuning.EMBEDDED_TOKENIZER)
+
+
+class ScriptedLM(torch.nn.Module):
+    """Emits, after any prefix of a true context, that context's next token (EOS when unknown).
+
+    It keeps each cache slot's token history itself, so it checks that the decoder feeds every
+    context exactly the tokens training builds (tasks.context_ids).
+    """
+
+    def __init__(self, task, method, problems):
+        super().__init__()
+        self.args = ModelArgs(dim=8, n_layers=1, n_heads=1, vocab_size=TOK.vocab_size)
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+        self.next = {}
+        for p in problems:
+            for segs in tasks.TASKS[task].trace(p, method):
+                ids, mask = tasks.context_ids(TOK, segs)
+                for t in range(len(ids) - 1):
+                    if mask[t + 1]:
+                        self.next[tuple(ids[:t + 1])] = ids[t + 1]
+        self.history = {}
+
+    def predict(self, ids):
+        logits = torch.zeros(self.args.vocab_size)
+        logits[self.next.get(tuple(ids), TOK.eos_id)] = 1.0
+        return logits
+
+    def forward(self, tokens, cache=None, slots=None, n_new=None, last_only=False):
+        if cache is None:
+            return torch.stack([torch.stack([self.predict(r[:t + 1].tolist()) for t in range(len(r))]) for r in tokens])
+        out = []
+        for row, slot, n in zip(tokens, slots, n_new):
+            prev = self.history.get(slot, []) if cache.length[slot] else []
+            self.history[slot] = prev + row[:n].tolist()
+            cache.length[slot] += n
+            out.append(self.predict(self.history[slot]))
+        return torch.stack(out)
+
+
+def flatten(ctx):
+    """Every context of a call tree, depth first, as (prompt, fed ids, segments)."""
+    out = [(ctx.prompt, ctx.ids, ctx.segments)]
+    for child in ctx.children:
+        out += flatten(child)
+    return out
+
+
+@pytest.mark.parametrize("task", list(tasks.TASKS))
+@pytest.mark.parametrize("method", tasks.METHODS)
+def test_a_perfect_model_solves_every_task_and_its_call_tree_is_the_true_trace(task, method):
+    low = 2 if task == "dp" else 1
+    problems = [tasks.eval_problems(task, L, 2, 5)[i] for L in range(low, low + 5) for i in range(2)]
+    model = ScriptedLM(task, method, problems)
+    solves = decode(model, TOK, task, method, problems, Limits(max_context_len=4096, max_new=4096))
+    for s in solves:
+        assert s.error is None and s.answer == tasks.TASKS[task].answer(s.problem), format_trace(s)
+        true = {segs[0]: segs for segs in tasks.TASKS[task].trace(s.problem, method)}
+        tree = flatten(s.root)
+        assert len(tree) == len(true)
+        for prompt, ids, segments in tree:
+            assert segments == true[prompt]
+            assert ids == tasks.context_ids(TOK, segments)[0][:-1]  # all but the final EOS were fed
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny Llama trained for ~150 steps on 1-3 digit Re-Tuning addition: it calls and answers,
+    often wrongly, which is what an oracle comparison needs."""
+    out = tmp_path_factory.mktemp("run") / "addition"
+    retuning.main(["train", "--task", "addition", "--max-len", "3", "--steps", "150", "--dim", "64",
+                   "--n-layers", "2", "--n-examples", "4000", "--eval-every", "0", "--lr", "1e-2",
+                   "--out", str(out), "--save-every", "1000"])
+    model, tok, _ = retuning.load_run(str(out))
+    return model
+
+
+def mixed_problems():
+    rng = random.Random(0)
+    return [tasks.TASKS["addition"].sample(rng, L) for L in (1, 2, 3, 4, 6, 2, 3, 1, 5, 3)]
+
+
+def assert_same(fast, slow):
+    for a, b in zip(fast, slow):
+        assert (a.answer, a.error, a.n_contexts) == (b.answer, b.error, b.n_contexts)
+        assert [(p, i) for p, i, _ in flatten(a.root)] == [(p, i) for p, i, _ in flatten(b.root)]
+
+
+def test_the_batched_decoder_and_the_naive_oracle_produce_identical_tokens(trained):
+    problems = mixed_problems()
+    lim = Limits(max_new=24, max_context_len=96, max_depth=8, max_contexts=10)
+    fast = decode(trained, TOK, "addition", "retuning", problems, lim)
+    assert_same(fast, decode_naive(trained, TOK, "addition", "retuning", problems, lim))
+    assert any(s.n_contexts > 1 for s in fast), "the trained model should make calls"
+    assert len({s.n_contexts for s in fast}) > 1, "problems should finish at different steps"
+
+
+def test_every_guard_fails_its_problem_with_a_reason_in_both_decoders(trained):
+    problems = mixed_problems()
+    for lim, reason in [(Limits(max_depth=2), "recursion deeper than 2"),
+                        (Limits(max_contexts=2), "more than 2 contexts"),
+                        (Limits(max_new=2), "completion longer than 2 tokens"),
+                        (Limits(max_context_len=12), "context longer than 12 tokens")]:
+        fast = decode(trained, TOK, "addition", "retuning", problems, lim)
+        assert_same(fast, decode_naive(trained, TOK, "addition", "retuning", problems, lim))
+        assert any(s.error == reason for s in fast), (reason, [s.error for s in fast])
+
+
+def test_a_batch_gives_the_same_results_as_each_problem_alone(trained):
+    problems = mixed_problems()
+    lim = Limits(max_new=24, max_context_len=96)
+    batch = decode(trained, TOK, "addition", "retuning", problems, lim)
+    alone = [decode(trained, TOK, "addition", "retuning", [p], lim)[0] for p in problems]
+    assert_same(batch, alone)
+
+
+def test_cache_slots_are_released_and_the_pool_does_not_grow_across_batches(trained):
+    cache = KVCache(trained.args, 4, 96)
+    sizes = []
+    for _ in range(3):
+        decode(trained, TOK, "addition", "retuning", mixed_problems(), Limits(max_new=24, max_context_len=96), cache=cache)
+        assert cache.in_use() == 0
+        sizes.append(cache.k.shape[1])
+    assert sizes[0] == sizes[1] == sizes[2]
+
+
+@pytest.mark.parametrize("task", list(tasks.TASKS))
+@pytest.mark.parametrize("method", tasks.METHODS)
+def test_a_model_emitting_random_tokens_yields_failures_with_reasons(task, method):
+    torch.manual_seed(1)
+    args = ModelArgs(dim=32, n_layers=1, n_heads=2, hidden_dim=64, vocab_size=TOK.vocab_size)
+    model = Llama(args)
+    model.init_weights(1)
+    with torch.no_grad():  # make EOS and the call/answer words frequent, so every path is taken
+        for word in ("Call: 1 + 2\n", "Answer: ", "[1, 0]", "Return"):
+            model.lm_head.weight[TOK.encode(word)] += torch.randn(len(TOK.encode(word)), args.dim) * 0.5
+        model.lm_head.weight[TOK.eos_id] += 0.3 * model.embed_tokens.weight.mean(0)
+    problems = tasks.eval_problems(task, 3, 6, 0)
+    solves = decode(model, TOK, task, method, problems, Limits(max_new=12, max_context_len=64, max_depth=4, max_contexts=6))
+    reasons = ("recursion deeper", "more than 6 contexts", "completion longer", "context longer",
+               "call without its newline", "text after the call", "unreadable answer", "cannot be returned")
+    for s in solves:
+        assert s.done and (s.error is None) == (s.answer is not None)
+        assert s.error is None or s.error.startswith(reasons), s.error
+    assert any(s.error for s in solves)
+
+
+def test_baseline_and_scratchpad_decode_as_one_context_that_never_calls(trained):
+    problems = mixed_problems()[:4]
+    for method in ("baseline", "scratchpad"):
+        lim = Limits(max_new=16, max_context_len=64)
+        fast = decode(trained, TOK, "addition", method, problems, lim)
+        assert_same(fast, decode_naive(trained, TOK, "addition", method, problems, lim))
+        assert all(s.n_contexts == 1 and not s.root.children for s in fast)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_decoder_on_cuda_matches_the_cpu_oracle(trained):
+    problems = mixed_problems()
+    lim = Limits(max_new=24, max_context_len=96)
+    gpu = decode(trained.to("cuda"), TOK, "addition", "retuning", problems, lim)
+    assert_same(gpu, decode_naive(trained.to("cpu"), TOK, "addition", "retuning", problems, lim))

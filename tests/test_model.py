@@ -1,0 +1,392 @@
+"""Tests for model.py: logits against transformers, the KV cache, checkpoint I/O, the tokenizer.
+
+Run: cd /work/main && python -m pytest tests/test_model.py -q
+
+Everything runs on CPU in float32 (bf16 where stated) on tiny random models built here with
+transformers; nothing is downloaded. The reference is transformers.LlamaForCausalLM with eager
+attention (lit-gpt test_model.py, minGPT test_huggingface_import.py compare the same way).
+"""
+import importlib.resources
+import json
+import os
+import shutil
+
+import pytest
+import sentencepiece as spm
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from model import CheckpointError, KVCache, Llama, ModelArgs, Tokenizer
+
+# ----------------------------------------------------------------------------- tiny models
+TINY = dict(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+            tie_word_embeddings=False)
+# Llama 3.1 scaling with original_max_position_embeddings=64 so that, at head_dim 16 and
+# theta 5e5, the wavelengths fall in all three bands (kept, blended, slowed).
+LLAMA3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+          "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+VARIANTS = {  # name -> overrides of TINY, as a transformers v5 LlamaConfig spells them
+    "mha": {},
+    "gqa": dict(num_key_value_heads=2),
+    "tied": dict(num_key_value_heads=2, tie_word_embeddings=True),
+    "rope_theta_5e5": dict(rope_parameters={"rope_type": "default", "rope_theta": 500000.0}),
+    "llama3_scaling": dict(num_key_value_heads=2, rope_parameters=LLAMA3),
+    "linear_scaling": dict(rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}),
+    "head_dim_32": dict(num_key_value_heads=2, head_dim=32),  # 4 heads * 32 != hidden 64
+}
+OUR_ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, vocab_size=100,
+                     rope_theta=500000.0, rope_scaling={k: v for k, v in LLAMA3.items() if k != "rope_theta"})
+TOKENS = torch.tensor([[1, 17, 42, 99, 3, 0, 56, 23, 23, 8, 71, 64, 5, 30, 2, 11],
+                       [1, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19]])
+
+
+def randomize(module, seed):
+    """Seeded weights large enough that logits are far from uniform (init's 0.02 is not), and norm
+    gains away from 1, so a skipped or misplaced norm or a transposed matrix cannot pass."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            scale, mean = (0.1, 1.0) if name.endswith("norm.weight") else (0.2, 0.0)
+            p.copy_(mean + scale * torch.randn(p.shape, generator=g))
+    return module
+
+
+def hf_logits(hf, tokens):
+    return hf(tokens).logits.float()
+
+
+@pytest.fixture(autouse=True)
+def no_grad():
+    with torch.no_grad():
+        yield
+
+
+@pytest.fixture(scope="module")
+def hf_model(tmp_path_factory):
+    """name -> (transformers model, directory it was saved to); each built once per module."""
+    built = {}
+
+    def get(name):
+        if name not in built:
+            cfg = LlamaConfig(**{**TINY, **VARIANTS[name]}, attn_implementation="eager")
+            hf = randomize(LlamaForCausalLM(cfg), seed=len(built)).eval()
+            path = str(tmp_path_factory.mktemp(name))
+            hf.save_pretrained(path)
+            built[name] = hf, path
+        return built[name]
+    return get
+
+
+@pytest.fixture(scope="module")
+def ours():
+    return randomize(Llama(OUR_ARGS), seed=7).eval()
+
+
+@pytest.fixture(scope="module")
+def good_checkpoint(tmp_path_factory, ours):
+    path = str(tmp_path_factory.mktemp("good"))
+    ours.save_pretrained(path)
+    return path
+
+
+# ----------------------------------------------------------------------------- logits vs transformers
+@pytest.mark.parametrize("name", VARIANTS)
+def test_logits_equal_transformers_in_float32(hf_model, name):
+    hf, path = hf_model(name)
+    model = Llama.from_pretrained(path)
+    torch.testing.assert_close(model(TOKENS), hf_logits(hf, TOKENS), atol=1e-5, rtol=1e-5)
+
+
+def test_tied_embeddings_load_as_one_shared_matrix(hf_model):
+    model = Llama.from_pretrained(hf_model("tied")[1])
+    assert model.lm_head.weight is model.embed_tokens.weight
+
+
+def test_a_sharded_checkpoint_loads_with_equal_logits(hf_model, tmp_path):
+    hf, _ = hf_model("gqa")
+    hf.save_pretrained(tmp_path, max_shard_size="100KB")  # ~370 KB of weights: several shards
+    shards = [f for f in os.listdir(tmp_path) if f.endswith(".safetensors")]
+    assert len(shards) >= 2 and (tmp_path / "model.safetensors.index.json").exists()
+    model = Llama.from_pretrained(str(tmp_path))
+    torch.testing.assert_close(model(TOKENS), hf_logits(hf, TOKENS), atol=1e-5, rtol=1e-5)
+
+
+def v4_config(v5: dict, rope_theta, rope_scaling) -> dict:
+    """The config.json transformers v4 would have written: torch_dtype, top-level rope_theta
+    (absent meaning 10000) and rope_scaling without theta, no rope_parameters."""
+    cfg = {k: v for k, v in v5.items() if k not in ("rope_parameters", "dtype")}
+    cfg.update(torch_dtype="float32", rope_scaling=rope_scaling, transformers_version="4.46.0")
+    if rope_theta is not None:
+        cfg["rope_theta"] = rope_theta
+    return cfg
+
+
+V4_CASES = {  # variant -> (top-level rope_theta or None for "absent", rope_scaling as v4 wrote it)
+    "mha": (None, None),
+    "rope_theta_5e5": (500000.0, None),
+    "llama3_scaling": (500000.0, {k: v for k, v in LLAMA3.items() if k != "rope_theta"}),
+    "linear_scaling": (None, {"type": "linear", "factor": 4.0}),  # early v4 spelled it "type"
+}
+
+
+@pytest.mark.parametrize("name", V4_CASES)
+def test_a_transformers_v4_config_gives_equal_logits(hf_model, tmp_path, name):
+    hf, path = hf_model(name)
+    shutil.copytree(path, tmp_path, dirs_exist_ok=True)
+    with open(tmp_path / "config.json") as f:
+        cfg = v4_config(json.load(f), *V4_CASES[name])
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    model = Llama.from_pretrained(str(tmp_path))
+    torch.testing.assert_close(model(TOKENS), hf_logits(hf, TOKENS), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_a_checkpoint_saved_by_us_loads_in_transformers_with_equal_logits(tmp_path, tied):
+    args = ModelArgs(**{**OUR_ARGS.__dict__, "tie_word_embeddings": tied})
+    model = randomize(Llama(args), seed=3).eval()
+    model.save_pretrained(str(tmp_path))
+    hf, info = LlamaForCausalLM.from_pretrained(tmp_path, attn_implementation="eager", output_loading_info=True)
+    assert not any(info.values()), info  # no missing, unexpected or mismatched keys
+    torch.testing.assert_close(model(TOKENS), hf_logits(hf.eval(), TOKENS), atol=1e-5, rtol=1e-5)
+
+
+def test_loading_with_dtype_bfloat16_gives_bfloat16_parameters(hf_model):
+    model = Llama.from_pretrained(hf_model("gqa")[1], dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_bfloat16_logits_are_close_to_transformers_in_bfloat16(hf_model):
+    hf, path = hf_model("llama3_scaling")
+    model = Llama.from_pretrained(path, dtype=torch.bfloat16)
+    hf16 = LlamaForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="eager")
+    # bf16 keeps 8 bits of mantissa; logits here have a spread of a few units
+    torch.testing.assert_close(model(TOKENS), hf_logits(hf16, TOKENS), atol=0.1, rtol=0.02)
+
+
+def test_a_bfloat16_checkpoint_loads_as_bfloat16_by_default(hf_model, tmp_path):
+    hf, _ = hf_model("gqa")
+    hf.to(torch.bfloat16).save_pretrained(tmp_path)  # config.json says dtype bfloat16
+    hf.to(torch.float32)
+    assert Llama.from_pretrained(str(tmp_path)).embed_tokens.weight.dtype == torch.bfloat16
+
+
+# ----------------------------------------------------------------------------- KV cache
+def greedy(model, prompt, n):
+    """Reference: recompute the whole sequence for every new token, no cache."""
+    seq = list(prompt)
+    for _ in range(n):
+        seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    return seq[len(prompt):]
+
+
+def greedy_cached(model, cache, slot, prompt, n):
+    """Prefill the prompt into the slot, then feed back one token at a time; the last token
+    returned has not been fed, so the slot holds prompt + all but the last."""
+    logits = model(torch.tensor([prompt]), cache, [slot], last_only=True)
+    out = [int(logits[0].argmax())]
+    while len(out) < n:
+        logits = model(torch.tensor([out[-1:]]), cache, [slot], last_only=True)
+        out.append(int(logits[0].argmax()))
+    return out
+
+
+def right_padded(rows, pad=0):
+    T = max(len(r) for r in rows)
+    return torch.tensor([r + [pad] * (T - len(r)) for r in rows])
+
+
+def test_cached_greedy_decoding_equals_uncached_token_for_token(ours):
+    cache = KVCache(OUR_ARGS, n_slots=1, max_len=64)
+    prompt = [1, 17, 42, 99, 3]
+    assert greedy_cached(ours, cache, cache.alloc(), prompt, 20) == greedy(ours, prompt, 20)
+
+
+def test_a_multi_token_append_after_prefill_matches_uncached(ours):
+    cache = KVCache(OUR_ARGS, n_slots=1, max_len=64)
+    slot, prompt, chunk = cache.alloc(), [1, 17, 42, 99, 3], [50, 51, 52, 53]
+    head = greedy_cached(ours, cache, slot, prompt, 3)  # prefill, then 3 tokens (the last not fed)
+    seq = prompt + head + chunk  # e.g. a child's answer spliced into its parent (Re-Tuning Sec. 3)
+    logits = ours(torch.tensor([head[-1:] + chunk]), cache, [slot])  # 5 tokens in one call
+    torch.testing.assert_close(logits, ours(torch.tensor([seq]))[:, -5:], atol=1e-5, rtol=1e-5)
+    out = [int(logits[0, -1].argmax())]
+    for _ in range(7):
+        out.append(int(ours(torch.tensor([out[-1:]]), cache, [slot], last_only=True)[0].argmax()))
+    assert out == greedy(ours, seq, 8)
+
+
+def test_rows_of_different_lengths_decode_as_if_each_were_alone(ours):
+    cache = KVCache(OUR_ARGS, n_slots=3, max_len=64)
+    prompts = [[1, 5, 9], [1, 60, 61, 62, 63, 64, 65], [1, 30, 31, 32, 33]]
+    slots = [cache.alloc() for _ in prompts][::-1]  # rows need not be in slot order
+    logits = ours(right_padded(prompts), cache, slots, n_new=[len(p) for p in prompts], last_only=True)
+    outs = [[] for _ in prompts]
+    for _ in range(10):
+        for out, row in zip(outs, logits):
+            out.append(int(row.argmax()))
+        logits = ours(torch.tensor([out[-1:] for out in outs]), cache, slots, n_new=[1, 1, 1], last_only=True)
+    assert outs == [greedy(ours, p, 10) for p in prompts]
+
+
+def test_a_prefill_can_share_one_call_with_another_rows_decode_step(ours):
+    cache = KVCache(OUR_ARGS, n_slots=2, max_len=64)
+    parent, child = cache.alloc(), cache.alloc()
+    p_prompt, c_prompt = [1, 17, 42, 99, 3], [1, 30, 31, 32, 33, 34]
+    p_out = greedy_cached(ours, cache, parent, p_prompt, 2)  # parent is mid-decode
+    logits = ours(right_padded([p_out[-1:], c_prompt]), cache, [parent, child], n_new=[1, 6], last_only=True)
+    outs = [p_out, []]
+    for _ in range(6):
+        for out, row in zip(outs, logits):
+            out.append(int(row.argmax()))
+        logits = ours(torch.tensor([out[-1:] for out in outs]), cache, [parent, child], n_new=[1, 1], last_only=True)
+    assert outs == [greedy(ours, p_prompt, 8), greedy(ours, c_prompt, 6)]
+
+
+def test_a_row_near_max_len_can_share_a_call_with_a_longer_prefill(ours):
+    cache = KVCache(OUR_ARGS, n_slots=2, max_len=16)
+    parent, child = cache.alloc(), cache.alloc()
+    p_prompt, c_prompt = list(range(1, 15)), [1, 30, 31, 32, 33, 34]
+    p_next = greedy_cached(ours, cache, parent, p_prompt, 1)  # parent holds 14 of 16 positions
+    # the parent's row has 5 padding tokens that would land past max_len: never written or counted
+    logits = ours(right_padded([p_next, c_prompt]), cache, [parent, child], n_new=[1, 6], last_only=True)
+    assert [int(r.argmax()) for r in logits] == [greedy(ours, p_prompt, 2)[1], greedy(ours, c_prompt, 1)[0]]
+
+
+def test_the_slot_pool_grows_past_its_initial_size_and_keeps_live_slots(ours):
+    cache = KVCache(OUR_ARGS, n_slots=1, max_len=64)
+    prompts = [[1, 17, 42, 99, 3], [1, 8], [1, 30, 31, 32]]
+    a = cache.alloc()
+    first = ours(torch.tensor([prompts[0]]), cache, [a], last_only=True)  # a holds a prefix before growth
+    b, c = cache.alloc(), cache.alloc()  # 1 -> 2 -> 4 slots
+    assert len({a, b, c}) == 3 and cache.in_use() == 3 and cache.k.shape[1] == 4
+    rest = ours(right_padded(prompts[1:]), cache, [b, c], n_new=[2, 4], last_only=True)
+    # continue all three: slot a's keys and values survived both reallocations
+    logits, outs = torch.cat([first, rest]), [[], [], []]
+    for _ in range(6):
+        for out, row in zip(outs, logits):
+            out.append(int(row.argmax()))
+        logits = ours(torch.tensor([out[-1:] for out in outs]), cache, [a, b, c], n_new=[1, 1, 1], last_only=True)
+    assert outs == [greedy(ours, p, 6) for p in prompts]
+
+
+def test_a_released_slot_is_reused_and_starts_empty(ours):
+    cache = KVCache(OUR_ARGS, n_slots=2, max_len=64)
+    slot = cache.alloc()
+    greedy_cached(ours, cache, slot, list(range(1, 13)), 4)  # fills positions 0..14
+    cache.release(slot)
+    assert cache.in_use() == 0
+    again = cache.alloc()
+    assert again == slot and cache.length[again] == 0
+    # the stale keys at positions past the new prefix must be neither seen nor kept
+    assert greedy_cached(ours, cache, again, [1, 5, 9], 8) == greedy(ours, [1, 5, 9], 8)
+
+
+def test_writing_past_max_len_raises_instead_of_wrapping(ours):
+    cache = KVCache(OUR_ARGS, n_slots=1, max_len=8)
+    with pytest.raises(ValueError, match="KV cache overflow"):
+        ours(torch.tensor([list(range(1, 10))]), cache, [cache.alloc()])
+
+
+# ----------------------------------------------------------------------------- bad checkpoints
+def corrupt(good, tmp_path, edit_state=None, edit_config=None):
+    shutil.copytree(good, tmp_path, dirs_exist_ok=True)
+    if edit_state:
+        state = load_file(tmp_path / "model.safetensors")
+        edit_state(state)
+        save_file(state, tmp_path / "model.safetensors")
+    if edit_config:
+        cfg = json.loads((tmp_path / "config.json").read_text())
+        edit_config(cfg)
+        (tmp_path / "config.json").write_text(json.dumps(cfg))
+    return str(tmp_path)
+
+
+def test_a_missing_tensor_is_named(good_checkpoint, tmp_path):
+    path = corrupt(good_checkpoint, tmp_path, edit_state=lambda s: s.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(CheckpointError, match="missing tensor model.layers.1.mlp.up_proj.weight"):
+        Llama.from_pretrained(path)
+
+
+def test_a_tensor_of_the_wrong_shape_is_named_with_both_shapes(good_checkpoint, tmp_path):
+    path = corrupt(good_checkpoint, tmp_path, edit_state=lambda s: s.update({"model.norm.weight": torch.ones(63)}))
+    with pytest.raises(CheckpointError, match=r"tensor model.norm.weight has shape \(63,\), expected \(64,\)"):
+        Llama.from_pretrained(path)
+
+
+def test_an_unexpected_tensor_is_named(good_checkpoint, tmp_path):
+    extra = "model.layers.0.self_attn.q_proj.bias"
+    path = corrupt(good_checkpoint, tmp_path, edit_state=lambda s: s.update({extra: torch.zeros(64)}))
+    with pytest.raises(CheckpointError, match=f"unexpected tensor {extra}"):
+        Llama.from_pretrained(path)
+
+
+def test_a_truncated_safetensors_file_is_reported_as_unreadable(good_checkpoint, tmp_path):
+    path = corrupt(good_checkpoint, tmp_path)
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors: unreadable safetensors file"):
+        Llama.from_pretrained(path)
+
+
+def test_a_missing_config_key_is_named(good_checkpoint, tmp_path):
+    path = corrupt(good_checkpoint, tmp_path, edit_config=lambda c: c.pop("hidden_size"))
+    with pytest.raises(CheckpointError, match="config.json: missing key 'hidden_size'"):
+        Llama.from_pretrained(path)
+
+
+@pytest.mark.parametrize("key", ["rope_parameters", "rope_scaling"])
+def test_an_unknown_rope_type_is_named(good_checkpoint, tmp_path, key):
+    def edit(cfg):
+        cfg.pop("rope_parameters")
+        cfg[key] = {"rope_type": "magic", "factor": 2.0}
+    path = corrupt(good_checkpoint, tmp_path, edit_config=edit)
+    with pytest.raises(CheckpointError, match="unsupported rope type 'magic'"):
+        Llama.from_pretrained(path)
+
+
+def test_attention_bias_is_refused_by_name(good_checkpoint, tmp_path):
+    path = corrupt(good_checkpoint, tmp_path, edit_config=lambda c: c.update(attention_bias=True))
+    with pytest.raises(CheckpointError, match="unsupported setting attention_bias=True"):
+        Llama.from_pretrained(path)
+
+
+def test_a_directory_without_config_json_is_reported(tmp_path):
+    with pytest.raises(CheckpointError, match="no config.json"):
+        Llama.from_pretrained(str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- tokenizer
+@pytest.fixture(scope="module")
+def spm_path():
+    # the Llama-recipe SentencePiece model (byte fallback, split digits) that mistral-common ships
+    pytest.importorskip("mistral_common")
+    return str(importlib.resources.files("mistral_common") / "data" / "tokenizer.model.v1")
+
+
+TEXTS = ["Hello, world!", "  two leading spaces", "tabs\tand\nnewlines\n", "Ünïcödé — 日本語 🙂",
+         "12 + 345 = 357", ""]
+
+
+def test_tokenizer_encode_matches_sentencepiece(spm_path):
+    tok, sp = Tokenizer(spm_path), spm.SentencePieceProcessor(model_file=spm_path)
+    assert [tok.encode(t) for t in TEXTS] == [sp.encode(t) for t in TEXTS]
+
+
+def test_tokenizer_decode_matches_sentencepiece(spm_path):
+    tok, sp = Tokenizer(spm_path), spm.SentencePieceProcessor(model_file=spm_path)
+    ids = [sp.encode(t) for t in TEXTS]
+    assert [tok.decode(i) for i in ids] == [sp.decode(i) for i in ids]
+
+
+def test_tokenizer_special_ids_match_sentencepiece_and_encode_adds_none(spm_path):
+    tok, sp = Tokenizer(spm_path), spm.SentencePieceProcessor(model_file=spm_path)
+    assert (tok.bos_id, tok.eos_id, tok.vocab_size) == (sp.bos_id(), sp.eos_id(), sp.get_piece_size())
+    assert tok.bos_id not in tok.encode("hi") and tok.eos_id not in tok.encode("hi")
+
+
+def test_every_digit_of_a_long_number_is_its_own_token(spm_path):
+    tok = Tokenizer(spm_path)
+    number = "31415926535897932384"
+    pieces = [tok.sp.id_to_piece(i) for i in tok.encode(f"x = {number}")]
+    assert pieces[-len(number):] == list(number)
