@@ -361,7 +361,7 @@ def eval_problems(task, length, n, seed):
 def tokenizer_corpus():
     """Every line of every segment of a few problems per task, method and length (fixed seed)."""
     rng, lines = random.Random("tokenizer"), []
-    for name, t in TASKS.items():
+    for t in TASKS.values():
         for method, length, _ in itertools.product(METHODS, (1, 2, 3, 5, 8), range(3)):
             for ctx in t.trace(t.sample(rng, length), method):
                 lines += [line for seg in ctx for line in seg.split("\n") if line]  # "\n" stays a byte token

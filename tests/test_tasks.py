@@ -93,14 +93,18 @@ def test_dp_of_3_minus2_4_is_spec_verbatim_in_all_three_kinds_of_context():
     assert trace[0] == ["Compute the maximum sum of nonadjacent subsequences of [3, -2, 4]\nSolution: ",
                         "Call: Create dp array [3, -2, 4]\n", "Return: [7, 4, 4]\nAnswer: ",
                         f"Call: {ch}\n", "Return: [1, 2, 1]\nAnswer: ", "[1, 2, 1]"]
-    assert ["Create dp array [3, -2, 4]\nSolution: ", "Call with array minus first element. Call: Create dp array [-2, 4]\n",
-            "Return: [4, 4]\nAnswer: ", "Append max(return[0], array[0] + return[1]) to return.\nAnswer: [7, 4, 4]"] in trace
+    assert ["Create dp array [3, -2, 4]\nSolution: ",
+            "Call with array minus first element. Call: Create dp array [-2, 4]\n", "Return: [4, 4]\nAnswer: ",
+            "Append max(return[0], array[0] + return[1]) to return.\nAnswer: [7, 4, 4]"] in trace
     assert ["Create dp array [4]\nSolution: ", "Return [0] if negative else element.\nAnswer: [4]"] in trace
-    assert [ch + "\nSolution: ", "If there is only 1 item, return 1 if we should use it else 2. If we should use the first "
-            "item to get the sum, call False else True. Call: Create chosen indices array: sum array [4, 4], item array "
-            "[-2, 4], can use item False\n", "Return: [2, 1]\nAnswer: ", "Append 1 if False else 2.\nAnswer: [1, 2, 1]"] in trace
+    assert [ch + "\nSolution: ",
+            "If there is only 1 item, return 1 if we should use it else 2. If we should use the first item to get the "
+            "sum, call False else True. Call: Create chosen indices array: sum array [4, 4], item array [-2, 4], "
+            "can use item False\n",
+            "Return: [2, 1]\nAnswer: ", "Append 1 if False else 2.\nAnswer: [1, 2, 1]"] in trace
     assert ["Create chosen indices array: sum array [4], item array [4], can use item True\nSolution: ",
             "If there is only 1 item, return 1 if we should use it else 2.\nAnswer: [1]"] in trace
+    assert len(trace) == 7  # the top context, three dp-chain and three chosen-indices contexts
 
 
 def test_dp_scratchpads_equal_the_reference_pairs_byte_for_byte():
@@ -173,7 +177,8 @@ def test_addition_samples_have_exactly_the_requested_digits():
 def test_user_text_is_normalised_and_malformed_text_gets_a_one_line_error():
     assert ADD.validate(" 1234+5678 ") == "1234 + 5678"
     assert PAR.validate("[1,0, 1]") == "[1, 0, 1]" and DP.validate(" [3,-2,4]") == "[3, -2, 4]"
-    for task, bad in [(ADD, "12 +"), (ADD, "-1 + 2"), (PAR, "[1, 2]"), (PAR, "[]"), (DP, "[6]"), (DP, "3, 4"), (DP, "[1,]")]:
+    malformed = [(ADD, "12 +"), (ADD, "-1 + 2"), (PAR, "[1, 2]"), (PAR, "[]"), (DP, "[6]"), (DP, "3, 4"), (DP, "[1,]")]
+    for task, bad in malformed:
         with pytest.raises(ValueError, match=f"^{task.name} problem must look like '.*', got .*$") as e:
             task.validate(bad)
         assert "\n" not in str(e.value) and repr(bad) in str(e.value)
@@ -244,7 +249,8 @@ def test_small_dp_training_uses_every_array_exactly_once_per_epoch():
 
 
 def test_large_dp_training_samples_arrays_of_length_2_to_max_len():
-    problems = [ctx[0][len("Question: Let's solve input = "):-1] for ctx in tasks.training_contexts("dp", "scratchpad", 8, 0, 300)]
+    contexts = tasks.training_contexts("dp", "scratchpad", 8, 0, 300)
+    problems = [ctx[0][len("Question: Let's solve input = "):-1] for ctx in contexts]
     assert {DP.length(p) for p in problems} <= set(range(2, 9)) and max(map(DP.length, problems)) == 8
 
 

@@ -1,0 +1,98 @@
+"""LoRA against PEFT. Run: python -m pytest tests/test_lora.py -q"""
+import pytest
+import torch
+import transformers
+
+from lora import apply_lora, load_adapter, lora_layers, merge_lora, save_adapter, unmerge_lora
+from model import Llama
+
+peft = pytest.importorskip("peft")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    cfg = transformers.LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("base")
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+X = torch.randint(0, 101, (2, 17), generator=torch.Generator().manual_seed(0))
+
+
+def adapted(checkpoint, targets=("q_proj", "v_proj", "down_proj"), randomise=True):
+    model = Llama.from_pretrained(checkpoint).eval()
+    apply_lora(model, r=8, alpha=16, dropout=0.0, targets=targets)
+    if randomise:  # B = 0 at init; give it values so the adapter actually changes something
+        g = torch.Generator().manual_seed(1)
+        for m in lora_layers(model):
+            m.lora_B.weight.data = torch.randn(m.lora_B.weight.shape, generator=g) * 0.1
+    return model
+
+
+def test_zero_initialised_b_leaves_the_logits_unchanged(checkpoint):
+    base = Llama.from_pretrained(checkpoint).eval()
+    model = adapted(checkpoint, randomise=False)
+    assert torch.equal(base(X), model(X))
+
+
+def test_only_the_adapter_receives_gradients(checkpoint):
+    model = adapted(checkpoint).train()
+    model(X).sum().backward()
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            assert p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert not p.requires_grad and p.grad is None, name
+
+
+def test_merged_equals_unmerged_and_merging_twice_is_a_no_op(checkpoint):
+    model = adapted(checkpoint)
+    before = model(X)
+    merge_lora(model)
+    once = model(X)
+    weights = [m.base.weight.clone() for m in lora_layers(model)]
+    merge_lora(model)
+    assert all(torch.equal(w, m.base.weight) for w, m in zip(weights, lora_layers(model)))
+    torch.testing.assert_close(once, before, atol=1e-5, rtol=0)
+    unmerge_lora(model)
+    torch.testing.assert_close(model(X), before, atol=1e-5, rtol=0)
+
+
+def test_train_and_eval_never_merge_implicitly(checkpoint):
+    model = adapted(checkpoint)
+    model.train(), model.eval(), model.train()
+    assert not any(m.merged for m in lora_layers(model))
+
+
+def test_an_adapter_saved_by_us_loads_in_peft_with_equal_logits(checkpoint, tmp_path):
+    model = adapted(checkpoint)
+    save_adapter(model, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(transformers.LlamaForCausalLM.from_pretrained(checkpoint), tmp_path).eval()
+    torch.testing.assert_close(theirs(X).logits, model(X), atol=1e-5, rtol=0)
+
+
+def test_a_peft_saved_adapter_loads_in_ours_with_equal_logits(checkpoint, tmp_path):
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["k_proj", "o_proj", "up_proj"],
+                          init_lora_weights=False)  # random B, so the adapter is not a no-op
+    torch.manual_seed(2)
+    theirs = peft.get_peft_model(transformers.LlamaForCausalLM.from_pretrained(checkpoint), cfg).eval()
+    theirs.save_pretrained(tmp_path)
+    ours = load_adapter(Llama.from_pretrained(checkpoint).eval(), tmp_path)
+    assert len(lora_layers(ours)) == 3 * 2
+    torch.testing.assert_close(ours(X), theirs(X).logits, atol=1e-5, rtol=0)
+
+
+def test_an_adapter_for_another_model_is_refused_with_a_clear_error(checkpoint, tmp_path):
+    save_adapter(adapted(checkpoint, targets=("q_proj",)), tmp_path)
+    other = Llama.from_pretrained(checkpoint)
+    apply_lora(other, r=4, alpha=8, dropout=0.0, targets=("q_proj",))
+    with pytest.raises(ValueError, match="has shape"):
+        load_adapter(other, tmp_path)
+
+
+def test_an_unknown_target_is_a_clear_error(checkpoint):
+    with pytest.raises(ValueError, match="unknown LoRA target"):
+        apply_lora(Llama.from_pretrained(checkpoint), targets=("qkv",))

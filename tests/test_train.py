@@ -1,0 +1,111 @@
+"""Training loop: loss, loss mask, exact resume, atomic checkpoints. Run: python -m pytest tests/test_train.py -q"""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+import retuning
+import tasks
+from model import Llama, ModelArgs, Tokenizer
+
+TOK = Tokenizer(retuning.EMBEDDED_TOKENIZER)
+TINY = ["--dim", "32", "--n-layers", "2", "--n-heads", "2", "--batch-size", "8", "--micro-batch-size", "4",
+        "--n-examples", "400", "--eval-every", "0", "--warmup", "2"]
+
+
+def losses(run):
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        return [json.loads(line)["loss"] for line in f]
+
+
+def test_loss_goes_down_on_a_tiny_model_in_a_few_seconds(tmp_path):
+    retuning.main(["train", "--task", "parity", "--steps", "40", "--lr", "1e-2", "--out", str(tmp_path / "r"), *TINY])
+    curve = losses(tmp_path / "r")
+    assert len(curve) == 40 and sum(curve[-5:]) / 5 < 0.5 * curve[0]
+
+
+def test_the_loss_mask_covers_exactly_the_completions_and_their_eos():
+    segs = tasks.TASKS["dp"].trace("[3, -2, 4]", "retuning")[0]  # top context: two calls and an answer
+    ids, mask = tasks.context_ids(TOK, segs)
+    x, y = retuning.collate([(ids, mask)], TOK.eos_id, "cpu")
+    targets = [t for t in y[0].tolist() if t != -100]
+    expected = sum((tasks.completion_ids(TOK, c) for c in segs[1::2]), [])
+    assert targets == expected
+    assert torch.equal(x[0], torch.tensor(ids[:-1]))
+
+
+@pytest.fixture
+def lora_base(tmp_path):
+    """A small HF-layout base with the embedded tokenizer, to train LoRA (with dropout) on."""
+    args = ModelArgs(dim=32, n_layers=2, n_heads=2, hidden_dim=64, vocab_size=TOK.vocab_size)
+    model = Llama(args)
+    model.init_weights(0)
+    model.save_pretrained(tmp_path / "base")
+    shutil.copy(retuning.EMBEDDED_TOKENIZER, tmp_path / "base" / "tokenizer.model")
+    return str(tmp_path / "base")
+
+
+def test_resume_after_an_interruption_reproduces_the_uninterrupted_losses_bitwise(tmp_path, lora_base, monkeypatch):
+    common = ["train", "--task", "addition", "--base", lora_base, "--lora-r", "4", "--lora-dropout", "0.1",
+              "--steps", "12", "--save-every", "4", "--lr", "5e-3", *TINY]
+    retuning.main(common + ["--out", str(tmp_path / "whole")])
+    real_step, calls = retuning.train_step, []
+
+    def interrupted(*a, **k):  # Ctrl-C during step 7: the run saves at step 6 and stops
+        calls.append(1)
+        if len(calls) == 7:
+            raise KeyboardInterrupt
+        return real_step(*a, **k)
+    monkeypatch.setattr(retuning, "train_step", interrupted)
+    retuning.main(common + ["--out", str(tmp_path / "split")])
+    assert len(losses(tmp_path / "split")) == 6
+    monkeypatch.setattr(retuning, "train_step", real_step)
+    retuning.main(common + ["--out", str(tmp_path / "split"), "--resume"])
+    assert losses(tmp_path / "split") == losses(tmp_path / "whole")
+
+
+def test_a_half_written_checkpoint_never_replaces_a_good_one(tmp_path, monkeypatch):
+    run = tmp_path / "r"
+    retuning.main(["train", "--task", "parity", "--steps", "3", "--out", str(run), *TINY])
+    good = (run / "checkpoint.pt").read_bytes()
+
+    def crash(obj, f):  # the disk fills up half way through the write
+        with open(f, "wb") as fh:
+            fh.write(b"partial")
+        raise OSError("No space left on device")
+    monkeypatch.setattr(torch, "save", crash)
+    model, _ = retuning.build_model(retuning_args(), "cpu")
+    with pytest.raises(OSError):
+        retuning.save_checkpoint(str(run), model, torch.optim.AdamW(model.parameters()), 99)
+    assert (run / "checkpoint.pt").read_bytes() == good
+    assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == 3
+
+
+def retuning_args():
+    class A:
+        base, dim, n_layers, n_heads, seed = "scratch", 32, 2, 2, 0
+    return A
+
+
+def test_an_existing_run_is_not_overwritten_without_resume_or_overwrite(tmp_path, capsys):
+    run = str(tmp_path / "r")
+    retuning.main(["train", "--task", "parity", "--steps", "1", "--out", run, *TINY])
+    with pytest.raises(SystemExit, match="--resume"):
+        retuning.main(["train", "--task", "parity", "--steps", "1", "--out", run, *TINY])
+
+
+def test_a_malformed_problem_is_a_one_line_error(tmp_path):
+    run = str(tmp_path / "r")
+    retuning.main(["train", "--task", "addition", "--steps", "1", "--out", run, *TINY])
+    with pytest.raises(SystemExit, match="error: .*addition"):
+        retuning.main(["solve", "--run", run, "12 plus 3"])
+
+
+def test_solve_prints_the_call_tree_and_the_answer(tmp_path, capsys):
+    run = str(tmp_path / "r")
+    retuning.main(["train", "--task", "addition", "--steps", "1", "--out", run, *TINY])
+    retuning.main(["solve", "--run", run, "12 + 34"])
+    out = capsys.readouterr().out
+    assert "'12 + 34\\nSolution: '" in out and "true answer: 46" in out
