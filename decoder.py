@@ -19,8 +19,8 @@ from typing import Optional
 
 import torch
 
-from model import KVCache
-from tasks import TASKS, child_prompt, prompt_ids, read_completion, resume_ids, resume_text
+from model import KVCache, ModelArgs
+from tasks import TASKS, child_prompt, context_ids, prompt_ids, read_completion, resume_ids, resume_text
 
 
 @dataclass
@@ -197,6 +197,48 @@ def decode_naive(model, tok, task, method, problems, lim=Limits()) -> list:
             on_token(s, int(logits[0, -1].argmax()), task, method, tok, lim)
         solves.append(s)
     return solves
+
+
+class TraceModel(torch.nn.Module):
+    """A stand-in that emits the true trace: after any prefix of a true context, its next token.
+
+    It keeps each cache slot's token history itself, so decoding with it checks that every context
+    is fed exactly the tokens training builds (tasks.context_ids). Wrapping a real Llama (`inner`)
+    runs that model on the same tokens, so a benchmark pays a real model's cost for a realistic
+    call tree, whatever the model's weights.
+    """
+
+    def __init__(self, tok, task, method, problems, inner=None):
+        super().__init__()
+        self.tok, self.inner, self.next, self.history = tok, inner, {}, {}
+        self.args = inner.args if inner is not None else ModelArgs(dim=8, n_layers=1, n_heads=1, vocab_size=tok.vocab_size)
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+        for p in problems:
+            for segs in TASKS[task].trace(p, method):
+                ids, mask = context_ids(tok, segs)
+                for t in range(len(ids) - 1):
+                    if mask[t + 1]:
+                        self.next[tuple(ids[:t + 1])] = ids[t + 1]
+
+    def predict(self, ids, like):
+        logits = torch.zeros_like(like)
+        logits[self.next.get(tuple(ids), self.tok.eos_id)] = 1.0
+        return logits
+
+    def forward(self, tokens, cache=None, slots=None, n_new=None, last_only=False):
+        like = torch.zeros(self.args.vocab_size)
+        if cache is None:
+            if self.inner is not None:
+                self.inner(tokens)
+            return torch.stack([torch.stack([self.predict(r[:t + 1].tolist(), like) for t in range(len(r))]) for r in tokens])
+        for row, slot, n in zip(tokens.tolist(), slots, n_new):
+            self.history[slot] = (self.history.get(slot, []) if cache.length[slot] else []) + row[:n]
+        if self.inner is not None:  # advances the cache lengths itself
+            like = self.inner(tokens, cache, slots, n_new, last_only)[0]
+        else:
+            for slot, n in zip(slots, n_new):
+                cache.length[slot] += n
+        return torch.stack([self.predict(self.history[s], like) for s in slots])
 
 
 def format_trace(s: Solve, indent="  ") -> str:

@@ -329,6 +329,10 @@ class Llama(nn.Module):
         with torch.device("meta"):  # no memory until real tensors are assigned
             model = cls(args)
         state = read_safetensors(path, device or "cpu", dtype)
+        if args.tie_word_embeddings and "lm_head.weight" in state:  # some exporters store the tied copy too
+            head, emb = state.pop("lm_head.weight"), state.get("embed_tokens.weight")
+            if emb is None or not torch.equal(head, emb):
+                raise CheckpointError(f"{path}: tie_word_embeddings is set but lm_head.weight differs from the embeddings")
         check_state(model, state, path)
         if args.tie_word_embeddings:
             state["lm_head.weight"] = state["embed_tokens.weight"]

@@ -1,6 +1,6 @@
 """The recursive decoder against its oracles. Run: python -m pytest tests/test_decoder.py -q
 
-Three kinds of model drive it: a scripted "perfect" model that emits the true trace (checks the
+Three kinds of model drive it: decoder.TraceModel, a "perfect" model that emits the true trace (checks the
 control flow: calls, resumes, DP's two calls, the final answer), a briefly trained tiny Llama
 (checks the fast decoder against the naive full-recompute oracle token for token) and random
 models (garbage must end in failures with reasons, never an exception or a hang).
@@ -12,47 +12,10 @@ import torch
 
 import retuning
 import tasks
-from decoder import Limits, decode, decode_naive, format_trace
+from decoder import Limits, TraceModel, decode, decode_naive, format_trace
 from model import KVCache, Llama, ModelArgs, Tokenizer
 
 TOK = Tokenizer(retuning.EMBEDDED_TOKENIZER)
-
-
-class ScriptedLM(torch.nn.Module):
-    """Emits, after any prefix of a true context, that context's next token (EOS when unknown).
-
-    It keeps each cache slot's token history itself, so it checks that the decoder feeds every
-    context exactly the tokens training builds (tasks.context_ids).
-    """
-
-    def __init__(self, task, method, problems):
-        super().__init__()
-        self.args = ModelArgs(dim=8, n_layers=1, n_heads=1, vocab_size=TOK.vocab_size)
-        self.dummy = torch.nn.Parameter(torch.zeros(1))
-        self.next = {}
-        for p in problems:
-            for segs in tasks.TASKS[task].trace(p, method):
-                ids, mask = tasks.context_ids(TOK, segs)
-                for t in range(len(ids) - 1):
-                    if mask[t + 1]:
-                        self.next[tuple(ids[:t + 1])] = ids[t + 1]
-        self.history = {}
-
-    def predict(self, ids):
-        logits = torch.zeros(self.args.vocab_size)
-        logits[self.next.get(tuple(ids), TOK.eos_id)] = 1.0
-        return logits
-
-    def forward(self, tokens, cache=None, slots=None, n_new=None, last_only=False):
-        if cache is None:
-            return torch.stack([torch.stack([self.predict(r[:t + 1].tolist()) for t in range(len(r))]) for r in tokens])
-        out = []
-        for row, slot, n in zip(tokens, slots, n_new):
-            prev = self.history.get(slot, []) if cache.length[slot] else []
-            self.history[slot] = prev + row[:n].tolist()
-            cache.length[slot] += n
-            out.append(self.predict(self.history[slot]))
-        return torch.stack(out)
 
 
 def flatten(ctx):
@@ -68,7 +31,7 @@ def flatten(ctx):
 def test_a_perfect_model_solves_every_task_and_its_call_tree_is_the_true_trace(task, method):
     low = 2 if task == "dp" else 1
     problems = [tasks.eval_problems(task, L, 2, 5)[i] for L in range(low, low + 5) for i in range(2)]
-    model = ScriptedLM(task, method, problems)
+    model = TraceModel(TOK, task, method, problems)
     solves = decode(model, TOK, task, method, problems, Limits(max_context_len=4096, max_new=4096))
     for s in solves:
         assert s.error is None and s.answer == tasks.TASKS[task].answer(s.problem), format_trace(s)

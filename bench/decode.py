@@ -1,0 +1,73 @@
+"""Decoder throughput: batched recursive decoder vs one problem at a time vs the naive oracle.
+
+    python bench/decode.py                     # Re-Tuning addition at 8, 16 and 32 digits
+    python bench/decode.py --digits 16 --batch 128 --oracle-problems 2
+
+Every decoder runs the same Llama (random weights, the embedded default's shape unless --run is
+given) on the same, realistic call trees: decoder.TraceModel makes the model's choices those of
+the true trace, while the real model still computes every forward pass. So the three columns
+differ only in how contexts are scheduled and cached:
+  batched  all open contexts of all problems advance together, one KV-cache slot per context;
+  single   the same decoder, one problem at a time (cached, unbatched);
+  oracle   the release's algorithm: each token recomputes its whole context, one problem at a time.
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import retuning  # noqa: E402
+import tasks  # noqa: E402
+from decoder import TraceModel, decode, decode_naive  # noqa: E402
+from model import Llama, ModelArgs, Tokenizer  # noqa: E402
+
+
+def timed(fn, problems):
+    t0 = time.perf_counter()
+    solves = fn(problems)
+    dt = time.perf_counter() - t0
+    assert all(s.answer == tasks.TASKS["addition"].answer(s.problem) for s in solves), "decoding went wrong"
+    return len(solves) / dt, sum(s.n_generated for s in solves) / dt
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--digits", default="8,16,32")
+    p.add_argument("--batch", type=int, default=64, help="problems decoded together by the batched decoder")
+    p.add_argument("--single-problems", type=int, default=8)
+    p.add_argument("--oracle-problems", type=int, default=4)
+    p.add_argument("--run", default=None, help="a trained run folder (default: random weights)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args()
+    if args.run:
+        model, tok, _ = retuning.load_run(args.run, args.device)
+    else:
+        tok = Tokenizer(retuning.EMBEDDED_TOKENIZER)
+        model = Llama(ModelArgs(dim=128, n_layers=4, n_heads=4, hidden_dim=341, vocab_size=tok.vocab_size,
+                                bos_id=tok.bos_id, eos_id=tok.eos_id)).to(args.device)
+        model.init_weights(0)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {n_params / 1e6:.2f}M parameters on {args.device}, {torch.get_num_threads()} threads")
+    print("| digits | decoder | problems | problems/s | generated tokens/s | speed-up vs oracle |")
+    print("|---|---|---|---|---|---|")
+    for d in map(int, args.digits.split(",")):
+        problems = tasks.eval_problems("addition", d, args.batch, 0)
+        forced = TraceModel(tok, "addition", "retuning", problems, inner=model).eval()
+        lim = retuning.eval_limits("addition", "retuning", tok, problems[:1])
+        runs = {
+            "batched": (problems, lambda ps: decode(forced, tok, "addition", "retuning", ps, lim)),
+            "single": (problems[:args.single_problems],
+                       lambda ps: [decode(forced, tok, "addition", "retuning", [q], lim)[0] for q in ps]),
+            "oracle": (problems[:args.oracle_problems], lambda ps: decode_naive(forced, tok, "addition", "retuning", ps, lim)),
+        }
+        rates = {name: timed(fn, ps) for name, (ps, fn) in runs.items()}
+        for name, (ps, _) in runs.items():
+            pr, tr = rates[name]
+            print(f"| {d} | {name} | {len(ps)} | {pr:.2f} | {tr:.0f} | {pr / rates['oracle'][0]:.1f}x |")
+
+
+if __name__ == "__main__":
+    main()
