@@ -220,9 +220,11 @@ class TraceModel(torch.nn.Module):
                     if mask[t + 1]:
                         self.next[tuple(ids[:t + 1])] = ids[t + 1]
 
-    def predict(self, ids, like):
-        logits = torch.zeros_like(like)
-        logits[self.next.get(tuple(ids), self.tok.eos_id)] = 1.0
+    def predict(self, histories, like):
+        """One-hot logits on the next true token of each history (EOS off the true trace)."""
+        logits = torch.zeros(len(histories), *like.shape[-1:], dtype=like.dtype, device=like.device)
+        nxt = [self.next.get(tuple(h), self.tok.eos_id) for h in histories]
+        logits[torch.arange(len(histories)), torch.tensor(nxt)] = 1.0
         return logits
 
     def forward(self, tokens, cache=None, slots=None, n_new=None, last_only=False):
@@ -230,15 +232,15 @@ class TraceModel(torch.nn.Module):
         if cache is None:
             if self.inner is not None:
                 self.inner(tokens)
-            return torch.stack([torch.stack([self.predict(r[:t + 1].tolist(), like) for t in range(len(r))]) for r in tokens])
+            return torch.stack([self.predict([r[:t + 1] for t in range(len(r))], like) for r in tokens.tolist()])
         for row, slot, n in zip(tokens.tolist(), slots, n_new):
             self.history[slot] = (self.history.get(slot, []) if cache.length[slot] else []) + row[:n]
         if self.inner is not None:  # advances the cache lengths itself
-            like = self.inner(tokens, cache, slots, n_new, last_only)[0]
+            like = self.inner(tokens, cache, slots, n_new, last_only)
         else:
             for slot, n in zip(slots, n_new):
                 cache.length[slot] += n
-        return torch.stack([self.predict(self.history[s], like) for s in slots])
+        return self.predict([self.history[s] for s in slots], like)
 
 
 def format_trace(s: Solve, indent="  ") -> str:

@@ -205,6 +205,14 @@ class Step:
     mask: torch.Tensor  # (B, 1, T, S) True where a query may attend to a cached key
 
 
+def grow(buf):
+    """Twice the slots (dim 1); the new ones zeroed, since a masked-out NaN still poisons softmax @ V."""
+    new = torch.empty((buf.shape[0], 2 * buf.shape[1], *buf.shape[2:]), dtype=buf.dtype, device=buf.device)
+    new[:, :buf.shape[1]] = buf
+    new[:, buf.shape[1]:].zero_()
+    return new
+
+
 class KVCache:
     """Keys and values of many independent sequences ("slots"), owned by the caller.
 
@@ -224,8 +232,7 @@ class KVCache:
         """A fresh, empty slot; the pool doubles when all are in use."""
         if not self.free:
             n = len(self.length)
-            self.k = torch.cat([self.k, torch.zeros_like(self.k)], dim=1)
-            self.v = torch.cat([self.v, torch.zeros_like(self.v)], dim=1)
+            self.k, self.v = grow(self.k), grow(self.v)
             self.length += [0] * n
             self.free = list(range(2 * n - 1, n - 1, -1))
         slot = self.free.pop()
