@@ -15,6 +15,7 @@ At or below it overlap is possible and harmless to those claims: small spaces ar
 on purpose (every DP array up to length 5, as in the release; 1-2 digit additions; short parity lists),
 and in large ones (e.g. 15-digit additions, 10^30 pairs) a collision is vanishingly rare.
 """
+import collections
 import io
 import itertools
 import json
@@ -323,17 +324,37 @@ def train_problems(task, method, max_len, rng):
             yield TASKS[task].sample(rng, rng.choices(lengths, weights=[11 ** n for n in lengths])[0])
 
 
-def _is_short(task, prompt):
-    """The short Re-Tuning contexts the release up-samples: 1-2 digit additions, 1-2 element lists."""
+def context_size(task, prompt):
+    """Size of the sub-problem a Re-Tuning context solves: operand digits, or elements of its first list."""
     if task == "addition":
-        return len(prompt.split(" + ")[0]) <= 2
-    return task == "parity" and prompt.count(",") <= 1
+        return len(prompt.split(" + ")[0])
+    return prompt[prompt.index("["):prompt.index("]")].count(",") + 1
+
+
+def balance(task, contexts, n, rng):
+    """n contexts with an equal share per sub-problem size, UPSAMPLE times that for sizes 1-2.
+
+    De-duplication leaves only 100 distinct 1-digit additions among thousands of long contexts; the
+    release up-samples short contexts to compensate. Without it a small model never learns the
+    base case, and every recursion ends in it. Within a size, every distinct context comes once
+    before any comes twice.
+    """
+    groups = collections.defaultdict(list)
+    for ctx in contexts:
+        groups[context_size(task, ctx[0])].append(ctx)
+    weight = {k: UPSAMPLE if k <= 2 else 1 for k in groups}
+    out = []
+    for k in sorted(groups):
+        m = -(-n * weight[k] // sum(weight.values()))  # ceil, so the sizes add up to at least n
+        out += (groups[k] * (m // len(groups[k]) + 1))[:m]
+    rng.shuffle(out)
+    return out[:n]
 
 
 def training_contexts(task, method, max_len, seed, n):
     """n training contexts (segment lists), a pure function of the arguments. Baseline and scratchpad:
-    one per problem. Re-Tuning: the contexts of the problems' traces, each distinct one kept once for
-    addition and DP, and short ones repeated UPSAMPLE times; then shuffled."""
+    one per problem. Re-Tuning: the distinct contexts of the problems' traces (de-duplicated for
+    addition and DP, as the release), balanced over sub-problem sizes by `balance`, shuffled."""
     rng = random.Random(f"train/{task}/{method}/{max_len}/{seed}")  # str seeds hash the same on every machine
     problems, t = train_problems(task, method, max_len, rng), TASKS[task]
     if method != "retuning":
@@ -341,14 +362,12 @@ def training_contexts(task, method, max_len, seed, n):
     out, seen = [], set()
     for _ in range(100 * n + 1000):  # bounded: a tiny space can run out of distinct contexts
         for ctx in t.trace(next(problems), method):
-            if t.dedup and tuple(ctx) in seen:
-                continue
-            seen.add(tuple(ctx))
-            out += [ctx] * (UPSAMPLE if _is_short(task, ctx[0]) else 1)
+            if not (t.dedup and tuple(ctx) in seen):
+                seen.add(tuple(ctx))
+                out.append(ctx)
         if len(out) >= n:
             break
-    rng.shuffle(out)
-    return (out * (n // len(out) + 1))[:n]  # a tiny space that ran out of distinct contexts repeats
+    return balance(task, out, n, rng)
 
 
 def eval_problems(task, length, n, seed):
