@@ -21,6 +21,9 @@ from decoder import decode
 from retuning import eval_limits, load_run
 
 
+PAPER_LENGTHS = {"addition": "2-60", "parity": "2-29", "dp": "2-24"}  # the ranges of the paper's Fig. 3
+
+
 def parse_lengths(text: str) -> list:
     """"1-8,12,16" -> [1, ..., 8, 12, 16]."""
     out = []
@@ -119,6 +122,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="*", help="run folders (default: every run under runs/)")
     p.add_argument("--lengths", default=None, help="e.g. 1-32 or 2,4,8 (default: 1 to 2x the training length)")
+    p.add_argument("--paper-lengths", action="store_true", help="the paper's ranges: %s" % PAPER_LENGTHS)
     p.add_argument("--per-length", type=int, default=20)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--batch-size", type=int, default=64)
@@ -133,7 +137,10 @@ def main(argv=None):
         with open(os.path.join(run, "config.json")) as f:
             cfg = json.load(f)
         low = 2 if cfg["task"] == "dp" else 1
-        lengths = parse_lengths(args.lengths) if args.lengths else list(range(low, 2 * cfg["train_length"] + 1))
+        if args.lengths or args.paper_lengths:
+            lengths = parse_lengths(args.lengths or PAPER_LENGTHS[cfg["task"]])
+        else:
+            lengths = list(range(low, 2 * cfg["train_length"] + 1))
         results.append(evaluate(run, lengths, args.per_length, args.seed, args.batch_size, args.device))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:

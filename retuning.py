@@ -40,12 +40,14 @@ def build_model(args, device):
                           bos_id=tok.bos_id, eos_id=tok.eos_id, max_seq_len=4096)
         model = Llama(margs)
         model.init_weights(args.seed)
+        model.gradient_checkpointing = args.gradient_checkpointing
         return model.to(device), tok
     tok = Tokenizer(os.path.join(resolve(args.base), "tokenizer.model"))
     dtype = torch.bfloat16 if device.startswith("cuda") and not args.full else torch.float32
     model = Llama.from_pretrained(resolve(args.base), dtype=dtype, device=device)
     if not args.full:  # the paper's setup: LoRA on the attention projections (Sec. 4)
         apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, tuple(args.lora_targets.split(",")))
+    model.gradient_checkpointing = args.gradient_checkpointing  # recompute activations: memory for time
     return model, tok
 
 
@@ -251,11 +253,12 @@ def solve(args):
 
 
 def data(args):
-    tok = Tokenizer(args.tokenizer or EMBEDDED_TOKENIZER)
-    if args.table:
-        print(tasks.token_table({"embedded": tok}))
+    tok = Tokenizer(EMBEDDED_TOKENIZER)
+    if args.table:  # tokens per training sequence, embedded tokenizer beside any other given
+        others = {os.path.basename(args.tokenizer): Tokenizer(args.tokenizer)} if args.tokenizer else {}
+        print(tasks.token_table({"embedded": tok, **others}))
     else:
-        print(tasks.show(args.task, args.method, args.show, tok, args.seed))
+        print(tasks.show(args.task, args.method, args.show, Tokenizer(args.tokenizer) if args.tokenizer else tok, args.seed))
 
 
 def main(argv=None):
@@ -301,7 +304,7 @@ def main(argv=None):
     d.add_argument("--method", choices=list(tasks.METHODS), default="retuning")
     d.add_argument("--show", type=int, default=2)
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--tokenizer", default=None)
+    d.add_argument("--tokenizer", default=None, help="another tokenizer.model, e.g. a Llama checkpoint's")
     d.add_argument("--table", action="store_true", help="tokens per training sequence, task x method")
     s = sub.add_parser("solve", help="solve one problem with a trained run and print its call tree")
     s.add_argument("problem")

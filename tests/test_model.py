@@ -390,3 +390,20 @@ def test_every_digit_of_a_long_number_is_its_own_token(spm_path):
     number = "31415926535897932384"
     pieces = [tok.sp.id_to_piece(i) for i in tok.encode(f"x = {number}")]
     assert pieces[-len(number):] == list(number)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_cached_ragged_decoding_matches_the_cpu_logits():
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96, vocab_size=101)
+    cpu = Llama(args).eval()
+    cpu.init_weights(0)
+    gpu = Llama(args).eval().to("cuda")
+    gpu.load_state_dict(cpu.state_dict())
+    x = torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(0))
+    cache = KVCache(args, 2, 16, device="cuda")
+    slots = [cache.alloc(), cache.alloc()]
+    with torch.no_grad():
+        got = gpu(x.cuda(), cache, slots, [9, 5])
+        want = cpu(x)
+    torch.testing.assert_close(got[0].cpu(), want[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got[1, :5].cpu(), cpu(x[1:, :5])[0], atol=1e-4, rtol=1e-4)

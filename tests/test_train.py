@@ -85,7 +85,7 @@ def test_a_half_written_checkpoint_never_replaces_a_good_one(tmp_path, monkeypat
 
 def retuning_args():
     class A:
-        base, dim, n_layers, n_heads, seed = "scratch", 32, 2, 2, 0
+        base, dim, n_layers, n_heads, seed, gradient_checkpointing = "scratch", 32, 2, 2, 0, False
     return A
 
 
@@ -109,3 +109,17 @@ def test_solve_prints_the_call_tree_and_the_answer(tmp_path, capsys):
     retuning.main(["solve", "--run", run, "12 + 34"])
     out = capsys.readouterr().out
     assert "'12 + 34\\nSolution: '" in out and "true answer: 46" in out
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = Llama(ModelArgs(dim=32, n_layers=2, n_heads=2, hidden_dim=64, vocab_size=TOK.vocab_size)).train()
+    model.init_weights(0)
+    x = torch.randint(0, TOK.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for flag in (False, True):
+        model.gradient_checkpointing = flag
+        model.zero_grad()
+        model(x).logsumexp(-1).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
