@@ -73,6 +73,9 @@ def on_token(s: Solve, token: int, task, method, tok, lim: Limits):
     """
     ctx = s.stack[-1]
     s.n_generated += 1
+    if token >= tok.vocab_size:  # a checkpoint's vocabulary may be padded past the tokenizer's
+        s.error = f"token id {token} is outside the tokenizer"
+        return None
     if token != tok.eos_id:
         ctx.generated.append(token)
         ctx.pending = [token]

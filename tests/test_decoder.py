@@ -117,7 +117,7 @@ def test_a_model_emitting_random_tokens_yields_failures_with_reasons(task, metho
         model.lm_head.weight[TOK.eos_id] += 0.3 * model.embed_tokens.weight.mean(0)
     problems = tasks.eval_problems(task, 3, 6, 0)
     solves = decode(model, TOK, task, method, problems, Limits(max_new=12, max_context_len=64, max_depth=4, max_contexts=6))
-    reasons = ("recursion deeper", "more than 6 contexts", "completion longer", "context longer",
+    reasons = ("recursion deeper", "token id", "more than 6 contexts", "completion longer", "context longer",
                "call without its newline", "text after the call", "unreadable answer", "cannot be returned")
     for s in solves:
         assert s.done and (s.error is None) == (s.answer is not None)
@@ -140,3 +140,14 @@ def test_the_decoder_on_cuda_matches_the_cpu_oracle(trained):
     lim = Limits(max_new=24, max_context_len=96)
     gpu = decode(trained.to("cuda"), TOK, "addition", "retuning", problems, lim)
     assert_same(gpu, decode_naive(trained.to("cpu"), TOK, "addition", "retuning", problems, lim))
+
+
+def test_a_token_outside_the_tokenizer_fails_the_problem_instead_of_crashing():
+    args = ModelArgs(dim=32, n_layers=1, n_heads=2, hidden_dim=64, vocab_size=TOK.vocab_size + 8)
+    model = Llama(args)
+    model.init_weights(0)
+    with torch.no_grad():
+        model.lm_head.weight[-1] += 5 * model.embed_tokens.weight.mean(0).sign()  # padded id always wins
+        model.embed_tokens.weight[:] = model.embed_tokens.weight.mean(0)
+    s = decode(model, TOK, "parity", "retuning", ["[1, 0]"], Limits(max_new=8, max_context_len=64))[0]
+    assert s.error == f"token id {TOK.vocab_size + 7} is outside the tokenizer"
