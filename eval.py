@@ -129,7 +129,8 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="results")
     args = p.parse_args(argv)
-    runs = args.runs or sorted(os.path.dirname(c) for c in glob.glob("runs/*/config.json"))
+    runs = args.runs or sorted(os.path.dirname(c) for c in glob.glob("runs/*/config.json")
+                               if json.load(open(c)).get("command") == "train")  # not a pretraining run
     if not runs:
         raise SystemExit("no runs found under runs/: train one first (python retuning.py train --task addition)")
     results = []

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import pretrain
 import tasks
 from decoder import Limits, decode, format_trace
 from lora import apply_lora, load_adapter, lora_layers, save_adapter
@@ -57,7 +58,10 @@ def resolve(path):
 
 
 def make_dataset(args, tok):
-    contexts = tasks.training_contexts(args.task, args.method, args.max_len, args.seed, args.n_examples)
+    if args.command == "pretrain":  # the generic corpus of the embedded base (pretrain.py)
+        contexts = pretrain.corpus(args.seed, args.n_examples)
+    else:
+        contexts = tasks.training_contexts(args.task, args.method, args.max_len, args.seed, args.n_examples)
     return [tasks.context_ids(tok, segs) for segs in contexts]
 
 
@@ -167,7 +171,7 @@ def export(run, model, tok_path, cfg):
 def train(args):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.max_len = args.max_len or DEFAULT_LEN[args.task]
-    run = args.out or os.path.join("runs", f"{args.task}-{args.method}")
+    run = args.out or os.path.join("runs", "pretrain" if args.command == "pretrain" else f"{args.task}-{args.method}")
     if os.path.exists(os.path.join(run, "checkpoint.pt")) and not (args.resume or args.overwrite):
         sys.exit(f"{run} already holds a run: pass --resume to continue it or --overwrite to start over")
     os.makedirs(run, exist_ok=True)
@@ -196,7 +200,7 @@ def train(args):
             step += 1
             rec = {"step": step, "loss": round(loss, 5), "lr": get_lr(step - 1, args),
                    "tok_s": round(n_tokens / (time.time() - t1)), "time": round(time.time() - t0, 2)}
-            if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
+            if args.eval_every and args.command == "train" and (step % args.eval_every == 0 or step == args.steps):
                 rec["check_acc"] = quick_check(model, tok, args)
             log.write(json.dumps(rec) + "\n")
             log.flush()
@@ -209,7 +213,11 @@ def train(args):
     bar.close()
     save_checkpoint(run, model, opt, step)
     export(run, model, tok_path, cfg)
-    print(f"saved {run} (step {step}); evaluate with: python eval.py {run}")
+    if args.command == "pretrain":  # the base: an HF folder that `train --base` fine-tunes
+        shutil.copytree(os.path.join(run, "model"), args.export, dirs_exist_ok=True)
+        print(f"saved the pretrained base to {args.export}")
+    else:
+        print(f"saved {run} (step {step}); evaluate with: python eval.py {run}")
     return run
 
 
@@ -261,10 +269,8 @@ def data(args):
         print(tasks.show(args.task, args.method, args.show, Tokenizer(args.tokenizer) if args.tokenizer else tok, args.seed))
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="fine-tune a model on one task and method")
+def training_flags(t, steps=6000, batch=32, lr=3e-3):
+    """The flags `train` and `pretrain` share."""
     # what to learn
     t.add_argument("--task", choices=list(tasks.TASKS), default="addition")
     t.add_argument("--method", choices=list(tasks.METHODS), default="retuning")
@@ -281,11 +287,11 @@ def main(argv=None):
     t.add_argument("--lora-dropout", type=float, default=0.05)
     t.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj")
     # optimisation
-    t.add_argument("--steps", type=int, default=1500)
+    t.add_argument("--steps", type=int, default=steps)
     t.add_argument("--minutes", type=float, default=None, help="stop after this much wall time")
-    t.add_argument("--batch-size", type=int, default=32)
+    t.add_argument("--batch-size", type=int, default=batch)
     t.add_argument("--micro-batch-size", type=int, default=32)
-    t.add_argument("--lr", type=float, default=3e-3)
+    t.add_argument("--lr", type=float, default=lr)
     t.add_argument("--schedule", choices=["cosine", "constant"], default="cosine")
     t.add_argument("--warmup", type=int, default=50)
     t.add_argument("--weight-decay", type=float, default=0.01)
@@ -299,6 +305,17 @@ def main(argv=None):
     t.add_argument("--overwrite", action="store_true")
     t.add_argument("--eval-every", type=int, default=250, help="quick exact-match check (0: never)")
     t.add_argument("--save-every", type=int, default=100)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="fine-tune a model on one task and method")
+    training_flags(t)
+    pt = sub.add_parser("pretrain", help="pretrain the embedded base on the generic corpus of pretrain.py")
+    training_flags(pt, steps=5000, batch=64, lr=2e-3)
+    pt.set_defaults(n_examples=400_000, eval_every=0, save_every=500)
+    pt.add_argument("--export", default=os.path.join("assets", "base"), help="where the base is written")
     d = sub.add_parser("data", help="print training examples or the token-count table")
     d.add_argument("--task", choices=list(tasks.TASKS), default="addition")
     d.add_argument("--method", choices=list(tasks.METHODS), default="retuning")
@@ -312,7 +329,7 @@ def main(argv=None):
     s.add_argument("--device", default=None)
     args = p.parse_args(argv)
     try:
-        {"train": train, "data": data, "solve": solve}[args.command](args)
+        {"train": train, "pretrain": train, "data": data, "solve": solve}[args.command](args)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
 
