@@ -197,77 +197,86 @@ class Block(nn.Module):
 @dataclass
 class Step:
     """Where one ragged forward call reads and writes in a KVCache (built on the host)."""
-    slots: torch.Tensor  # (B,) slot of each row
     pos: torch.Tensor  # (B, T) absolute position of each input token
-    write_slot: torch.Tensor  # (N,) one entry per real (non-padding) token
-    write_pos: torch.Tensor  # (N,)
-    write_row: torch.Tensor  # (N,) which (row, time) of the input each write comes from
+    pages: torch.Tensor  # (B, n_pages) each row's pages in order, padded with the null page 0
+    write_page: torch.Tensor  # (N,) one entry per real (non-padding) input token
+    write_off: torch.Tensor  # (N,) its offset inside that page
+    write_row: torch.Tensor  # (N,) the input (row, time) it comes from
     write_t: torch.Tensor
     mask: torch.Tensor  # (B, 1, T, S) True where a query may attend to a cached key
 
 
-def grow(buf):
-    """Twice the slots (dim 1); the new ones zeroed, since a masked-out NaN still poisons softmax @ V."""
-    new = torch.empty((buf.shape[0], 2 * buf.shape[1], *buf.shape[2:]), dtype=buf.dtype, device=buf.device)
-    new[:, :buf.shape[1]] = buf
-    new[:, buf.shape[1]:].zero_()
-    return new
-
-
 class KVCache:
-    """Keys and values of many independent sequences ("slots"), owned by the caller.
+    """Keys and values of many independent sequences ("slots"), owned by the caller, in pages.
 
-    k, v: (n_layers, n_slots, n_kv_heads, max_len, head_dim). Lengths live on the host: the
+    Storage k, v: (n_pages, n_layers, page_size, n_kv_heads, head_dim). A slot is a list of pages
+    holding its tokens in order, so memory follows what each context really holds (a recursion
+    opens many short contexts and few long ones) and a released slot's pages are reused at once.
+    Page 0 stays zero: rows with fewer pages are padded with it, and masked keys must be finite
+    (a masked-out NaN still poisons softmax @ V). Slots, pages and lengths live on the host: the
     decoder's control flow needs them anyway, so planning a step costs no device sync.
     """
 
-    def __init__(self, args: ModelArgs, n_slots: int, max_len: int, device=None, dtype=torch.float32):
-        shape = (args.n_layers, n_slots, args.n_kv_heads, max_len, args.head_dim)
+    def __init__(self, args: ModelArgs, n_slots: int, max_len: int, device=None, dtype=torch.float32, page_size=16):
+        self.page_size, self.max_len = page_size, max_len
+        n_pages = 1 + 2 * n_slots  # the storage doubles when it runs out
+        shape = (n_pages, args.n_layers, page_size, args.n_kv_heads, args.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.max_len = max_len
-        self.length = [0] * n_slots
-        self.free = list(range(n_slots - 1, -1, -1))
+        self.free_pages = list(range(n_pages - 1, 0, -1))
+        self.length, self.pages, self.free = [], [], []
 
     def alloc(self) -> int:
-        """A fresh, empty slot; the pool doubles when all are in use."""
+        """A fresh, empty slot."""
         if not self.free:
-            n = len(self.length)
-            self.k, self.v = grow(self.k), grow(self.v)
-            self.length += [0] * n
-            self.free = list(range(2 * n - 1, n - 1, -1))
-        slot = self.free.pop()
-        self.length[slot] = 0
-        return slot
+            self.free.append(len(self.length))
+            self.length.append(0)
+            self.pages.append([])
+        return self.free.pop()
 
     def release(self, slot: int):
-        self.length[slot] = 0
+        self.free_pages += self.pages[slot]
+        self.pages[slot], self.length[slot] = [], 0
         self.free.append(slot)
 
     def in_use(self) -> int:
         return len(self.length) - len(self.free)
 
+    def new_page(self) -> int:
+        if not self.free_pages:
+            n = self.k.shape[0]
+            self.k, self.v = (torch.cat([buf, torch.zeros_like(buf)]) for buf in (self.k, self.v))
+            self.free_pages = list(range(2 * n - 1, n - 1, -1))
+        return self.free_pages.pop()
+
     def plan(self, slots: list, n_new: list, T: int) -> Step:
-        start = torch.tensor([self.length[s] for s in slots])
-        n_new = torch.tensor(n_new)
-        if int((start + n_new).max()) > self.max_len:
+        P = self.page_size
+        if max(self.length[s] + n for s, n in zip(slots, n_new)) > self.max_len:
             raise ValueError(f"KV cache overflow: a sequence would exceed max_len={self.max_len}")
+        for s, n in zip(slots, n_new):  # pages for the new tokens
+            while len(self.pages[s]) * P < self.length[s] + n:
+                self.pages[s].append(self.new_page())
+        start, n_new = torch.tensor([self.length[s] for s in slots]), torch.tensor(n_new)
         pos = start[:, None] + torch.arange(T)[None, :]  # (B, T)
         rows, ts = (torch.arange(T)[None, :] < n_new[:, None]).nonzero(as_tuple=True)
         S = int((start + n_new).max())
+        width = -(-S // P)  # pages per row
+        table = torch.tensor([(self.pages[s] + [0] * width)[:width] for s in slots])
         mask = torch.arange(S)[None, None, None, :] <= pos[:, None, :, None]  # causal over absolute positions
-        dev = self.k.device
-        slots_t = torch.tensor(slots)
-        return Step(slots_t.to(dev), pos.to(dev), slots_t[rows].to(dev), pos[rows, ts].to(dev),
+        wpos, dev = pos[rows, ts], self.k.device
+        return Step(pos.to(dev), table.to(dev), table[rows, wpos // P].to(dev), (wpos % P).to(dev),
                     rows.to(dev), ts.to(dev), mask.to(dev))
 
     def update(self, layer: int, step: Step, k, v):
         """Store the new (B, h, T, hd) keys/values of real tokens; return each row's full prefix."""
-        ck, cv = self.k[layer], self.v[layer]
-        ck[step.write_slot, :, step.write_pos] = k.transpose(1, 2)[step.write_row, step.write_t].to(ck.dtype)
-        cv[step.write_slot, :, step.write_pos] = v.transpose(1, 2)[step.write_row, step.write_t].to(cv.dtype)
         S = step.mask.shape[-1]
-        return ck[step.slots, :, :S].to(k.dtype), cv[step.slots, :, :S].to(v.dtype)
+        out = []
+        for buf, new in ((self.k, k), (self.v, v)):
+            pages = buf[:, layer]  # (n_pages, page_size, h, hd)
+            pages[step.write_page, step.write_off] = new.transpose(1, 2)[step.write_row, step.write_t].to(buf.dtype)
+            prefix = pages[step.pages].flatten(1, 2)[:, :S]  # (B, S, h, hd)
+            out.append(prefix.transpose(1, 2).to(new.dtype))
+        return out
 
 
 class Llama(nn.Module):

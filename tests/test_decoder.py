@@ -77,8 +77,8 @@ def test_the_batched_decoder_and_the_naive_oracle_produce_identical_tokens(train
 
 def test_every_guard_fails_its_problem_with_a_reason_in_both_decoders(trained):
     problems = mixed_problems()
-    for lim, reason in [(Limits(max_depth=2), "recursion deeper than 2"),
-                        (Limits(max_contexts=2), "more than 2 contexts"),
+    for lim, reason in [(Limits(max_depth=1), "recursion deeper than 1"),
+                        (Limits(max_contexts=1), "more than 1 contexts"),
                         (Limits(max_new=2), "completion longer than 2 tokens"),
                         (Limits(max_context_len=12), "context longer than 12 tokens")]:
         fast = decode(trained, TOK, "addition", "retuning", problems, lim)
@@ -100,7 +100,7 @@ def test_cache_slots_are_released_and_the_pool_does_not_grow_across_batches(trai
     for _ in range(3):
         decode(trained, TOK, "addition", "retuning", mixed_problems(), Limits(max_new=24, max_context_len=96), cache=cache)
         assert cache.in_use() == 0
-        sizes.append(cache.k.shape[1])
+        sizes.append(cache.k.shape[0])
     assert sizes[0] == sizes[1] == sizes[2]
 
 
