@@ -209,7 +209,7 @@ class Step:
 class KVCache:
     """Keys and values of many independent sequences ("slots"), owned by the caller, in pages.
 
-    Storage k, v: (n_pages, n_layers, page_size, n_kv_heads, head_dim). A slot is a list of pages
+    Storage k, v: (n_layers, n_pages, page_size, n_kv_heads, head_dim). A slot is a list of pages
     holding its tokens in order, so memory follows what each context really holds (a recursion
     opens many short contexts and few long ones) and a released slot's pages are reused at once.
     Page 0 stays zero: rows with fewer pages are padded with it, and masked keys must be finite
@@ -220,7 +220,7 @@ class KVCache:
     def __init__(self, args: ModelArgs, n_slots: int, max_len: int, device=None, dtype=torch.float32, page_size=16):
         self.page_size, self.max_len = page_size, max_len
         n_pages = 1 + 2 * n_slots  # the storage doubles when it runs out
-        shape = (n_pages, args.n_layers, page_size, args.n_kv_heads, args.head_dim)
+        shape = (args.n_layers, n_pages, page_size, args.n_kv_heads, args.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.free_pages = list(range(n_pages - 1, 0, -1))
@@ -244,8 +244,8 @@ class KVCache:
 
     def new_page(self) -> int:
         if not self.free_pages:
-            n = self.k.shape[0]
-            self.k, self.v = (torch.cat([buf, torch.zeros_like(buf)]) for buf in (self.k, self.v))
+            n = self.k.shape[1]
+            self.k, self.v = (torch.cat([buf, torch.zeros_like(buf)], dim=1) for buf in (self.k, self.v))
             self.free_pages = list(range(2 * n - 1, n - 1, -1))
         return self.free_pages.pop()
 
@@ -272,9 +272,10 @@ class KVCache:
         S = step.mask.shape[-1]
         out = []
         for buf, new in ((self.k, k), (self.v, v)):
-            pages = buf[:, layer]  # (n_pages, page_size, h, hd)
+            pages = buf[layer]  # (n_pages, page_size, h, hd), contiguous
             pages[step.write_page, step.write_off] = new.transpose(1, 2)[step.write_row, step.write_t].to(buf.dtype)
-            prefix = pages[step.pages].flatten(1, 2)[:, :S]  # (B, S, h, hd)
+            B, width = step.pages.shape
+            prefix = pages.index_select(0, step.pages.flatten()).view(B, width * self.page_size, *pages.shape[2:])[:, :S]
             out.append(prefix.transpose(1, 2).to(new.dtype))
         return out
 

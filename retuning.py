@@ -269,7 +269,7 @@ def data(args):
         print(tasks.show(args.task, args.method, args.show, Tokenizer(args.tokenizer) if args.tokenizer else tok, args.seed))
 
 
-def training_flags(t, steps=6000, batch=32, lr=3e-3):
+def training_flags(t, steps=5000, batch=32, lr=3e-3):
     """The flags `train` and `pretrain` share."""
     # what to learn
     t.add_argument("--task", choices=list(tasks.TASKS), default="addition")

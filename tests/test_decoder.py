@@ -100,7 +100,7 @@ def test_cache_slots_are_released_and_the_pool_does_not_grow_across_batches(trai
     for _ in range(3):
         decode(trained, TOK, "addition", "retuning", mixed_problems(), Limits(max_new=24, max_context_len=96), cache=cache)
         assert cache.in_use() == 0
-        sizes.append(cache.k.shape[0])
+        sizes.append(cache.k.shape[1])
     assert sizes[0] == sizes[1] == sizes[2]
 
 

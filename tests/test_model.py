@@ -261,14 +261,14 @@ def test_the_page_storage_grows_past_its_initial_size_and_keeps_live_slots(ours)
     b, c = cache.alloc(), cache.alloc()
     assert len({a, b, c}) == 3 and cache.in_use() == 3
     rest = ours(right_padded(prompts[1:]), cache, [b, c], n_new=[2, 4], last_only=True)
-    assert cache.k.shape[0] > 3  # a and b took the two free pages: c's prefill doubled the storage
+    assert cache.k.shape[1] > 3  # a and b took the two free pages: c's prefill doubled the storage
     # continue all three (growing again): slot a's keys and values survived every reallocation
     logits, outs = torch.cat([first, rest]), [[], [], []]
     for _ in range(6):
         for out, row in zip(outs, logits):
             out.append(int(row.argmax()))
         logits = ours(torch.tensor([out[-1:] for out in outs]), cache, [a, b, c], n_new=[1, 1, 1], last_only=True)
-    assert outs == [greedy(ours, p, 6) for p in prompts] and cache.k.shape[0] > 6
+    assert outs == [greedy(ours, p, 6) for p in prompts] and cache.k.shape[1] > 6
 
 
 def test_a_released_slot_is_reused_and_starts_empty(ours):
