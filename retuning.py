@@ -180,6 +180,7 @@ def train(args):
     tok_path = EMBEDDED_TOKENIZER if args.base == "scratch" else os.path.join(resolve(args.base), "tokenizer.model")
     cfg = {**vars(args), "run": run, "model": vars(model.args), "train_length": args.max_len}
     atomic_write(os.path.join(run, "config.json"), lambda f: write_text(f, json.dumps(cfg, indent=2)))
+    args.n_examples = args.n_examples or args.steps * args.batch_size
     data = make_dataset(args, tok)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
@@ -275,7 +276,7 @@ def training_flags(t, steps=5000, batch=32, lr=3e-3):
     t.add_argument("--task", choices=list(tasks.TASKS), default="addition")
     t.add_argument("--method", choices=list(tasks.METHODS), default="retuning")
     t.add_argument("--max-len", type=int, default=None, help="longest training problem (default per task: %s)" % DEFAULT_LEN)
-    t.add_argument("--n-examples", type=int, default=50_000, help="training contexts drawn (then repeated)")
+    t.add_argument("--n-examples", type=int, default=None, help="training contexts drawn, then repeated (default: steps x batch size, none repeated)")
     # the model
     t.add_argument("--base", default="scratch", help="'scratch' (a tiny Llama, random init) or an HF Llama folder with tokenizer.model")
     t.add_argument("--dim", type=int, default=128, help="scratch model width")
@@ -314,7 +315,7 @@ def main(argv=None):
     training_flags(t)
     pt = sub.add_parser("pretrain", help="pretrain the embedded base on the generic corpus of pretrain.py")
     training_flags(pt, steps=5000, batch=64, lr=2e-3)
-    pt.set_defaults(n_examples=400_000, eval_every=0, save_every=500)
+    pt.set_defaults(eval_every=0, save_every=500)
     pt.add_argument("--export", default=os.path.join("assets", "base"), help="where the base is written")
     d = sub.add_parser("data", help="print training examples or the token-count table")
     d.add_argument("--task", choices=list(tasks.TASKS), default="addition")
