@@ -172,9 +172,9 @@ def decode(model, tok, task, method, problems, lim=Limits(), cache=None) -> list
 def advance(model, tok, task, method, cache, group, lim):
     ctxs = [s.stack[-1] for s in group]
     n_new = [len(c.pending) for c in ctxs]
-    rows = torch.full((len(ctxs), max(n_new)), tok.eos_id, dtype=torch.long)
-    for i, c in enumerate(ctxs):
-        rows[i, : n_new[i]] = torch.tensor(c.pending)
+    T = max(n_new)
+    rows = torch.tensor([c.pending + [tok.eos_id] * (T - len(c.pending)) for c in ctxs])  # right-padded
+    for c in ctxs:
         c.ids += c.pending
     logits = model(rows.to(cache.k.device), cache, [c.slot for c in ctxs], n_new, last_only=True)
     for s, token in zip(group, logits.argmax(-1).tolist()):  # the one host sync of the step

@@ -219,7 +219,7 @@ class KVCache:
 
     def __init__(self, args: ModelArgs, n_slots: int, max_len: int, device=None, dtype=torch.float32, page_size=16):
         self.page_size, self.max_len = page_size, max_len
-        n_pages = 1 + 2 * n_slots  # the storage doubles when it runs out
+        n_pages = 1 + 2 * n_slots  # n_slots only sizes the first allocation; storage doubles when full
         shape = (args.n_layers, n_pages, page_size, args.n_kv_heads, args.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)

@@ -3,6 +3,7 @@
     python retuning.py train --task addition                  # the main job (CPU, ~10 min)
     python retuning.py data --task dp --method retuning --show 2
     python retuning.py solve --run runs/addition-retuning "1234 + 5678"
+    python retuning.py pretrain                               # the experimental base (pretrain.py)
 
 Training data are all contexts of random problems' recursion traces (tasks.py); loss is on
 completion tokens + EOS only, so returned values are read, never learned (paper Sec. 3).

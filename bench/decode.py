@@ -38,7 +38,7 @@ def main():
     p.add_argument("--digits", default="8,16,32")
     p.add_argument("--batch", type=int, default=128, help="problems decoded together by the batched decoder")
     p.add_argument("--single-problems", type=int, default=8)
-    p.add_argument("--oracle-problems", type=int, default=4)
+    p.add_argument("--oracle-problems", type=int, default=8)
     p.add_argument("--run", default=None, help="a trained run folder (default: random weights)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
