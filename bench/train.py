@@ -44,7 +44,7 @@ def step_stats(model, forward, x, device, steps):
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+    peak = f"{torch.cuda.max_memory_allocated() / 2**30:.1f}" if device == "cuda" else "n/a on CPU"
     return sum(times[1:]) / steps, peak
 
 
@@ -69,7 +69,7 @@ def main():
         ours.save_pretrained(d)
         apply_lora(ours, args.r, args.r, 0.05, tuple(TARGETS))
         s, peak = step_stats(ours.train(), ours, x, args.device, args.steps)
-        print(f"| ours (model.py + lora.py) | {s:.3f} | {x.numel() / s:.0f} | {peak:.1f} |")
+        print(f"| ours (model.py + lora.py) | {s:.3f} | {x.numel() / s:.0f} | {peak} |")
         del ours
         if args.device == "cuda":
             torch.cuda.empty_cache()
@@ -79,7 +79,7 @@ def main():
         hf = transformers.LlamaForCausalLM.from_pretrained(d, dtype=dtype).to(args.device)
         hf = peft.get_peft_model(hf, peft.LoraConfig(r=args.r, lora_alpha=args.r, lora_dropout=0.05, target_modules=TARGETS))
         s, peak = step_stats(hf.train(), lambda t: hf(t).logits, x, args.device, args.steps)
-        print(f"| transformers + peft | {s:.3f} | {x.numel() / s:.0f} | {peak:.1f} |")
+        print(f"| transformers + peft | {s:.3f} | {x.numel() / s:.0f} | {peak} |")
 
 
 if __name__ == "__main__":
