@@ -408,3 +408,15 @@ def test_on_cuda_cached_ragged_decoding_matches_the_cpu_logits():
         want = cpu(x)
     torch.testing.assert_close(got[0].cpu(), want[0], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(got[1, :5].cpu(), cpu(x[1:, :5])[0], atol=1e-4, rtol=1e-4)
+
+
+def test_changing_a_loaded_model_in_place_never_writes_to_its_checkpoint(tmp_path):
+    """Loading may map the file's tensors lazily; training must still never touch the file."""
+    model = Llama(ModelArgs(dim=32, n_layers=1, n_heads=2, hidden_dim=48, vocab_size=50))
+    model.save_pretrained(tmp_path)
+    before = (tmp_path / "model.safetensors").read_bytes()
+    loaded = Llama.from_pretrained(tmp_path)
+    with torch.no_grad():
+        for p in loaded.parameters():
+            p.add_(1.0)
+    assert (tmp_path / "model.safetensors").read_bytes() == before
