@@ -116,7 +116,9 @@ def test_a_model_emitting_random_tokens_yields_failures_with_reasons(task, metho
             model.lm_head.weight[TOK.encode(word)] += torch.randn(len(TOK.encode(word)), args.dim) * 0.5
         model.lm_head.weight[TOK.eos_id] += 0.3 * model.embed_tokens.weight.mean(0)
     problems = tasks.eval_problems(task, 3, 6, 0)
-    solves = decode(model, TOK, task, method, problems, Limits(max_new=12, max_context_len=64, max_depth=4, max_contexts=6))
+    lim = Limits(max_new=12, max_context_len=64, max_depth=4, max_contexts=6)
+    solves = decode(model, TOK, task, method, problems, lim)
+    assert_same(solves, decode_naive(model, TOK, task, method, problems, lim))
     reasons = ("recursion deeper", "token id", "more than 6 contexts", "completion longer", "context longer",
                "call without its newline", "text after the call", "unreadable answer", "cannot be returned")
     for s in solves:
