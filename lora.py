@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from model import atomic_write, hf_key, write_text
+from model import atomic_write, hf_key, state_mismatches, write_text
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -127,11 +127,7 @@ def load_adapter(model, path):
     theirs = load_file(os.path.join(path, "adapter_model.safetensors"))
     state = {k.removeprefix("base_model.model.").removeprefix("model.").replace(".default", ""): v
              for k, v in theirs.items()}
-    ours = lora_state(model)
-    problems = [f"missing {k}" for k in ours if k not in state]
-    problems += [f"unexpected {k}" for k in state if k not in ours]
-    problems += [f"{k} has shape {tuple(state[k].shape)}, expected {tuple(v.shape)}"
-                 for k, v in ours.items() if k in state and state[k].shape != v.shape]
+    problems = state_mismatches({k: v.shape for k, v in lora_state(model).items()}, state)
     if problems:
         raise ValueError(f"{path}: adapter does not fit the model: " + "; ".join(problems[:5]))
     model.load_state_dict(state, strict=False)  # strictness checked above: base weights stay

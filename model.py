@@ -406,12 +406,18 @@ def check_state(model: nn.Module, state: dict, path):
     expected = {k: v.shape for k, v in model.state_dict().items()}
     if model.args.tie_word_embeddings:
         expected.pop("lm_head.weight")
+    problems = state_mismatches(expected, state)
+    if problems:
+        raise CheckpointError(f"{path}: " + "; ".join(problems))
+
+
+def state_mismatches(expected: dict, state: dict) -> list:
+    """Missing, unexpected and wrongly shaped tensors of `state` against {name: shape}, by HF name."""
     problems = [f"missing tensor {hf_key(k)}" for k in expected if k not in state]
     problems += [f"unexpected tensor {hf_key(k)}" for k in state if k not in expected]
     problems += [f"tensor {hf_key(k)} has shape {tuple(state[k].shape)}, expected {tuple(s)}"
                  for k, s in expected.items() if k in state and state[k].shape != s]
-    if problems:
-        raise CheckpointError(f"{path}: " + "; ".join(problems))
+    return problems
 
 
 def atomic_write(path, write):

@@ -42,13 +42,13 @@ def build_model(args, device):
                           bos_id=tok.bos_id, eos_id=tok.eos_id, max_seq_len=4096)
         model = Llama(margs)
         model.init_weights(args.seed)
-        model.gradient_checkpointing = args.gradient_checkpointing
-        return model.to(device), tok
-    tok = Tokenizer(os.path.join(resolve(args.base), "tokenizer.model"))
-    dtype = torch.bfloat16 if device.startswith("cuda") and not args.full else torch.float32
-    model = Llama.from_pretrained(resolve(args.base), dtype=dtype, device=device)
-    if not args.full:  # the paper's setup: LoRA on the attention projections (Sec. 4)
-        apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, tuple(args.lora_targets.split(",")))
+        model.to(device)
+    else:
+        tok = Tokenizer(os.path.join(resolve(args.base), "tokenizer.model"))
+        dtype = torch.bfloat16 if device.startswith("cuda") and not args.full else torch.float32
+        model = Llama.from_pretrained(resolve(args.base), dtype=dtype, device=device)
+        if not args.full:  # the paper's setup: LoRA on the attention projections (Sec. 4)
+            apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, tuple(args.lora_targets.split(",")))
     model.gradient_checkpointing = args.gradient_checkpointing  # recompute activations: memory for time
     return model, tok
 
