@@ -123,3 +123,26 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_eval_writes_results_json_a_table_and_one_plot_per_task(tmp_path, capsys):
+    import eval as evaluation
+    run = str(tmp_path / "r")
+    retuning.main(["train", "--task", "parity", "--steps", "2", "--out", run, *TINY])
+    evaluation.main([run, "--lengths", "1-3", "--per-length", "2", "--out", str(tmp_path / "res")])
+    results = json.loads((tmp_path / "res" / "results.json").read_text())["runs"]
+    assert [(r["task"], r["method"], r["train_length"]) for r in results] == [("parity", "retuning", 8)]
+    assert set(results[0]["accuracy"]) == {"1", "2", "3"} and results[0]["count"] == {"1": 2, "2": 2, "3": 2}
+    assert (tmp_path / "res" / "parity.png").stat().st_size > 1000
+    assert "| parity | retuning | 8 |" in (tmp_path / "res" / "results.md").read_text()
+
+
+def test_eval_points_at_the_first_context_where_the_call_tree_goes_wrong():
+    import eval as evaluation
+    from decoder import Context
+    true = {segs[0]: segs for segs in tasks.TASKS["addition"].trace("34 + 78", "retuning")}
+    child = Context("4 + 8\nSolution: ", 2, segments=["4 + 8\nSolution: ", "Carry 1, Output 3"])
+    root = Context("34 + 78\nSolution: ", 1, children=[child],
+                   segments=["34 + 78\nSolution: ", "Call: 4 + 8\n", "Return: Carry 1, Output 3\nAnswer: ", "Carry 1, Output 13"])
+    where, want, got = evaluation.first_error(root, true)
+    assert (where, want, got) == ("4 + 8\nSolution: ", "Carry 1, Output 2", "Carry 1, Output 3")
