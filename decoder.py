@@ -29,7 +29,7 @@ class Limits:
     max_depth: int = 64  # open contexts on one stack
     max_contexts: int = 256  # contexts opened by one problem
     max_new: int = 256  # tokens in one completion
-    max_context_len: int = 1024  # tokens in one context (its KV-cache capacity)
+    max_context_len: int = 1024  # tokens in one context (also the KV cache's max_len)
 
 
 @dataclass
