@@ -97,3 +97,31 @@ def corpus(seed: int, n: int) -> list:
     rng = random.Random(f"pretrain/{seed}")
     make = [edit_item, edit_item, recall_item, fact_item]
     return [list(rng.choice(make)(rng)) for _ in range(n)]
+
+
+def probe(base: str, n: int = 150, seed: int = 5):
+    """Exact-match accuracy of greedy completions on fresh edit items, by operation and length:
+    does the base copy? (`python pretrain.py assets/base`)"""
+    import collections
+
+    import torch
+
+    from model import Llama, Tokenizer
+    from tasks import prompt_ids
+    model, tok = Llama.from_pretrained(base).eval(), Tokenizer(f"{base}/tokenizer.model")
+    rng, hits = random.Random(f"probe/{seed}"), collections.defaultdict(list)
+    with torch.no_grad():
+        for _ in range(n):
+            prompt, want = edit_item(rng)
+            ids, out = prompt_ids(tok, prompt), []
+            while len(out) < len(tok.encode(want)) + 3 and (not out or out[-1] != tok.eos_id):
+                out.append(int(model(torch.tensor([ids + out]))[0, -1].argmax()))
+            got = tok.decode([t for t in out if t != tok.eos_id])
+            hits[(prompt.split(" ")[0], "short" if len(want) <= 20 else "long")].append(got == want)
+    for (op, size), h in sorted(hits.items()):
+        print(f"{op:>6} {size:>5} (answer {'<=' if size == 'short' else '>'} 20 characters): {sum(h)}/{len(h)}")
+
+
+if __name__ == "__main__":
+    import sys
+    probe(sys.argv[1])
