@@ -269,12 +269,11 @@ class KVCache:
 
     def update(self, layer: int, step: Step, k, v):
         """Store the new (B, h, T, hd) keys/values of real tokens; return each row's full prefix."""
-        S = step.mask.shape[-1]
+        S, (B, width) = step.mask.shape[-1], step.pages.shape
         out = []
         for buf, new in ((self.k, k), (self.v, v)):
             pages = buf[layer]  # (n_pages, page_size, h, hd), contiguous
             pages[step.write_page, step.write_off] = new.transpose(1, 2)[step.write_row, step.write_t].to(buf.dtype)
-            B, width = step.pages.shape
             prefix = pages.index_select(0, step.pages.flatten()).view(B, width * self.page_size, *pages.shape[2:])[:, :S]
             out.append(prefix.transpose(1, 2).to(new.dtype))
         return out

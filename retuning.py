@@ -179,9 +179,9 @@ def train(args):
     torch.manual_seed(args.seed)
     model, tok = build_model(args, device)
     tok_path = EMBEDDED_TOKENIZER if args.base == "scratch" else os.path.join(resolve(args.base), "tokenizer.model")
+    args.n_examples = args.n_examples or args.steps * args.batch_size
     cfg = {**vars(args), "run": run, "model": vars(model.args), "train_length": args.max_len}
     atomic_write(os.path.join(run, "config.json"), lambda f: write_text(f, json.dumps(cfg, indent=2)))
-    args.n_examples = args.n_examples or args.steps * args.batch_size
     data = make_dataset(args, tok)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
