@@ -21,8 +21,8 @@ plus a small number; the larger of two numbers; whether two are equal).
 """
 import random
 
-MAX_DIGITS = 40  # operands of the copy items; fine-tuning uses at most 8, evaluation 16
-MAX_ITEMS = 20  # list items; fine-tuning uses at most 8, evaluation 16
+MAX_DIGITS = 24  # digit strings; a pair has two operands of up to 12 (fine-tuning: 4, evaluation: 8)
+MAX_ITEMS = 16  # list items (fine-tuning: at most 6, evaluation: at most 12)
 
 
 def obj(rng: random.Random):
@@ -93,33 +93,45 @@ def fact_item(rng):
 
 
 def corpus(seed: int, n: int) -> list:
-    """n (prompt, completion) items as contexts [prompt, completion]; half edits, a quarter each recall and facts."""
+    """n (prompt, completion) items as contexts [prompt, completion]: 5/8 edits, 1/8 recall, 1/4 facts."""
     rng = random.Random(f"pretrain/{seed}")
-    make = [edit_item, edit_item, recall_item, fact_item]
+    make = [edit_item] * 5 + [recall_item] + [fact_item] * 2
     return [list(rng.choice(make)(rng)) for _ in range(n)]
 
 
-def probe(base: str, n: int = 150, seed: int = 5):
-    """Exact-match accuracy of greedy completions on fresh edit items, by operation and length:
-    does the base copy? (`python pretrain.py assets/base`)"""
-    import collections
-
+def greedy(model, tok, prompt: str, max_new: int) -> str:
+    """Greedy completion, recomputing the whole context each token (small and obviously right)."""
     import torch
 
-    from model import Llama, Tokenizer
     from tasks import prompt_ids
-    model, tok = Llama.from_pretrained(base).eval(), Tokenizer(f"{base}/tokenizer.model")
-    rng, hits = random.Random(f"probe/{seed}"), collections.defaultdict(list)
+    ids, out = prompt_ids(tok, prompt), []
     with torch.no_grad():
-        for _ in range(n):
-            prompt, want = edit_item(rng)
-            ids, out = prompt_ids(tok, prompt), []
-            while len(out) < len(tok.encode(want)) + 3 and (not out or out[-1] != tok.eos_id):
-                out.append(int(model(torch.tensor([ids + out]))[0, -1].argmax()))
-            got = tok.decode([t for t in out if t != tok.eos_id])
-            hits[(prompt.split(" ")[0], "short" if len(want) <= 20 else "long")].append(got == want)
-    for (op, size), h in sorted(hits.items()):
-        print(f"{op:>6} {size:>5} (answer {'<=' if size == 'short' else '>'} 20 characters): {sum(h)}/{len(h)}")
+        while len(out) < max_new and (not out or out[-1] != tok.eos_id):
+            out.append(int(model(torch.tensor([ids + out]))[0, -1].argmax()))
+    return tok.decode([t for t in out if t != tok.eos_id])
+
+
+def check(model, tok, n: int = 150, seed: int = 5) -> dict:
+    """Exact match of greedy completions on fresh edit items, by operation and answer size:
+    does the base copy? {"copy short": 0.9, "copy long": 0.4, ...} (long: over 20 characters)."""
+    rng, hits = random.Random(f"probe/{seed}"), {}
+    was_training = model.training
+    model.eval()
+    for _ in range(n):
+        prompt, want = edit_item(rng)
+        got = greedy(model, tok, prompt, len(tok.encode(want)) + 3)
+        key = f"{prompt.split(' ')[0].lower()} {'short' if len(want) <= 20 else 'long'}"
+        hits.setdefault(key, []).append(got == want)
+    model.train(was_training)
+    return {k: round(sum(v) / len(v), 3) for k, v in sorted(hits.items())}
+
+
+def probe(base: str, n: int = 150, seed: int = 5):
+    """Print check() for a saved base: `python pretrain.py assets/base`."""
+    from model import Llama, Tokenizer
+    model, tok = Llama.from_pretrained(base), Tokenizer(f"{base}/tokenizer.model")
+    for key, acc in check(model, tok, n, seed).items():
+        print(f"{key:>13}: {100 * acc:.0f}%")
 
 
 if __name__ == "__main__":

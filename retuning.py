@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import resource
 import shutil
 import sys
 import time
@@ -29,7 +30,8 @@ from model import Llama, ModelArgs, Tokenizer, atomic_write, write_text
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EMBEDDED_TOKENIZER = os.path.join(HERE, "assets", "tokenizer.model")
-DEFAULT_LEN = {"addition": 5, "parity": 8, "dp": 4}  # training lengths of the CPU default
+EMBEDDED_BASE = os.path.join("assets", "base")  # pretrained by `python retuning.py pretrain` (pretrain.py)
+DEFAULT_LEN = {"addition": 4, "parity": 6, "dp": 4}  # training lengths; evaluation goes to twice these
 
 
 # ----------------------------------------------------------------------------- model and data
@@ -97,13 +99,17 @@ def collate(items, pad_id, device):
 
 
 # ----------------------------------------------------------------------------- training
-def get_lr(step, args):
-    # 1) linear warm-up, 2) constant (the paper's schedule) or 3) cosine decay to 10%
+def get_lr(step, args, elapsed=0.0):
+    # 1) linear warm-up, 2) constant (the paper's schedule) or 3) cosine decay to 10%, over the
+    # steps or, with --minutes, over the wall time (a budget in minutes, not in steps)
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
     if args.schedule == "constant":
         return args.lr
-    progress = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
+    progress = 0.0 if args.steps is None else (step - args.warmup) / max(1, args.steps - args.warmup)
+    if args.minutes:
+        progress = max(progress, elapsed / (60 * args.minutes))
+    progress = min(1.0, progress)
     return args.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
 
 
@@ -149,10 +155,11 @@ def eval_limits(task, method, tok, problems) -> Limits:
                   max_new=2 * comp + 8, max_context_len=2 * ctx + 16)
 
 
-def save_checkpoint(run, model, opt, step):
-    """Everything needed to continue bit for bit, written atomically (temporary file, rename)."""
+def save_checkpoint(run, model, opt, step, elapsed):
+    """Everything needed to continue bit for bit, written atomically (temporary file, rename).
+    (With --minutes the LR follows the wall clock, so a resumed run is close, not bitwise.)"""
     state = {"step": step, "model": {k: v for k, v in model.state_dict().items() if trainable(model, k)},
-             "optim": opt.state_dict(), "rng": torch.get_rng_state()}
+             "optim": opt.state_dict(), "rng": torch.get_rng_state(), "elapsed": elapsed}
     atomic_write(os.path.join(run, "checkpoint.pt"), lambda f: torch.save(state, f))
 
 
@@ -170,6 +177,7 @@ def export(run, model, tok_path, cfg):
 
 
 def train(args):
+    """`train` fine-tunes a base on one task and method; `pretrain` trains the base itself."""
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.max_len = args.max_len or DEFAULT_LEN[args.task]
     run = args.out or os.path.join("runs", "pretrain" if args.command == "pretrain" else f"{args.task}-{args.method}")
@@ -179,42 +187,20 @@ def train(args):
     torch.manual_seed(args.seed)
     model, tok = build_model(args, device)
     tok_path = EMBEDDED_TOKENIZER if args.base == "scratch" else os.path.join(resolve(args.base), "tokenizer.model")
-    args.n_examples = args.n_examples or args.steps * args.batch_size
+    if args.steps is None and args.minutes is None:
+        args.minutes = args.default_minutes
+    args.n_examples = args.n_examples or (args.steps * args.batch_size if args.steps else 100_000)
     cfg = {**vars(args), "run": run, "model": vars(model.args), "train_length": args.max_len}
     atomic_write(os.path.join(run, "config.json"), lambda f: write_text(f, json.dumps(cfg, indent=2)))
     data = make_dataset(args, tok)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
-    step = resume(run, model, opt) if args.resume else 0
-    log = open(os.path.join(run, "metrics.jsonl"), "a")
-    stream = batches(data, args.batch_size, args.seed)
-    for _ in range(step):  # same data order as an uninterrupted run
-        next(stream)
-    n_params = sum(p.numel() for p in params)
-    print(f"{run}: {len(data)} training contexts, {n_params / 1e6:.2f}M trainable parameters on {device}")
-    t0, bar = time.time(), tqdm(total=args.steps, initial=step, desc="train", dynamic_ncols=True)
-    try:
-        while step < args.steps and (args.minutes is None or time.time() - t0 < 60 * args.minutes):
-            for g in opt.param_groups:
-                g["lr"] = get_lr(step, args)
-            t1 = time.time()
-            loss, n_targets, n_tokens = train_step(model, opt, data, next(stream), args, device)
-            step += 1
-            rec = {"step": step, "loss": round(loss, 5), "lr": get_lr(step - 1, args),
-                   "tok_s": round(n_tokens / (time.time() - t1)), "time": round(time.time() - t0, 2)}
-            if args.eval_every and args.command == "train" and (step % args.eval_every == 0 or step == args.steps):
-                rec["check_acc"] = quick_check(model, tok, args)
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=rec["tok_s"], **({"acc": rec["check_acc"]} if "check_acc" in rec else {}))
-            bar.update(1)
-            if step % args.save_every == 0:
-                save_checkpoint(run, model, opt, step)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted at step {step}; saving so that --resume continues from here")
-    bar.close()
-    save_checkpoint(run, model, opt, step)
+    step, elapsed = resume(run, model, opt) if args.resume else (0, 0.0)
+    print(f"{run}: {len(data)} training contexts, {sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters on {device}")
+    step, elapsed = fit(run, model, tok, opt, data, args, device, step, elapsed)
+    save_checkpoint(run, model, opt, step, elapsed)
     export(run, model, tok_path, cfg)
+    write_summary(run, args, data, step, elapsed, device)
     if args.command == "pretrain":  # the base: an HF folder that `train --base` fine-tunes
         shutil.copytree(os.path.join(run, "model"), args.export, dirs_exist_ok=True)
         print(f"saved the pretrained base to {args.export}")
@@ -223,7 +209,55 @@ def train(args):
     return run
 
 
-def resume(run, model, opt) -> int:
+def fit(run, model, tok, opt, data, args, device, step, elapsed):
+    """The training loop, until --steps or --minutes; Ctrl-C stops it cleanly. Returns (step, seconds)."""
+    log = open(os.path.join(run, "metrics.jsonl"), "a")
+    stream = batches(data, args.batch_size, args.seed)
+    for _ in range(step):  # same data order as an uninterrupted run
+        next(stream)
+    t0, bar = time.time() - elapsed, tqdm(total=args.steps, initial=step, desc="train", dynamic_ncols=True)  # no total: a budget in minutes
+    try:
+        while (args.steps is None or step < args.steps) and (args.minutes is None or time.time() - t0 < 60 * args.minutes):
+            lr = get_lr(step, args, time.time() - t0)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            t1 = time.time()
+            loss, n_targets, n_tokens = train_step(model, opt, data, next(stream), args, device)
+            step += 1
+            rec = {"step": step, "loss": round(loss, 5), "lr": lr,
+                   "tok_s": round(n_tokens / (time.time() - t1)), "time": round(time.time() - t0, 2)}
+            if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
+                if args.command == "train":
+                    rec["check_acc"] = quick_check(model, tok, args)
+                else:  # pretraining: how well the base copies, short and long (pretrain.check)
+                    rec["probe"] = pretrain.check(model, tok, n=60)
+                    tqdm.write(f"step {step}: {rec['probe']}")
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=rec["tok_s"], **({"acc": rec["check_acc"]} if "check_acc" in rec else {}))
+            bar.update(1)
+            if step % args.save_every == 0:
+                save_checkpoint(run, model, opt, step, time.time() - t0)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted at step {step}; saving so that --resume continues from here")
+    bar.close()
+    return step, time.time() - t0
+
+
+def write_summary(run, args, data, step, seconds, device):
+    """What the run cost: steps, minutes, examples, tokens per training sequence, peak memory
+    (the paper's Fig. 1 compares methods by tokens per example and GPU memory)."""
+    lengths = [len(ids) for ids, _ in data]
+    summary = {"steps": step, "minutes": round(seconds / 60, 2), "examples_seen": step * args.batch_size,
+               "tokens_per_sequence": {"mean": round(sum(lengths) / len(lengths), 1), "max": max(lengths)},
+               "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+               "device": device, "torch_threads": torch.get_num_threads()}
+    if device.startswith("cuda"):
+        summary["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
+    atomic_write(os.path.join(run, "summary.json"), lambda f: write_text(f, json.dumps(summary, indent=2)))
+
+
+def resume(run, model, opt):
     ckpt = torch.load(os.path.join(run, "checkpoint.pt"), weights_only=False)
     model.load_state_dict(ckpt["model"], strict=False)
     opt.load_state_dict(ckpt["optim"])
@@ -233,7 +267,7 @@ def resume(run, model, opt) -> int:
     if os.path.exists(path):
         lines = [l for l in open(path) if json.loads(l)["step"] <= ckpt["step"]]
         atomic_write(path, lambda f: write_text(f, "".join(lines)))
-    return ckpt["step"]
+    return ckpt["step"], ckpt.get("elapsed", 0.0)
 
 
 # ----------------------------------------------------------------------------- using a run
@@ -271,15 +305,16 @@ def data(args):
         print(tasks.show(args.task, args.method, args.show, Tokenizer(args.tokenizer) if args.tokenizer else tok, args.seed))
 
 
-def training_flags(t, steps=5000, batch=32, lr=3e-3):
+def training_flags(t, base, minutes, batch=32, lr=2e-3):
     """The flags `train` and `pretrain` share."""
     # what to learn
     t.add_argument("--task", choices=list(tasks.TASKS), default="addition")
     t.add_argument("--method", choices=list(tasks.METHODS), default="retuning")
     t.add_argument("--max-len", type=int, default=None, help="longest training problem (default per task: %s)" % DEFAULT_LEN)
-    t.add_argument("--n-examples", type=int, default=None, help="training contexts drawn, then repeated (default: steps x batch size, none repeated)")
+    t.add_argument("--n-examples", type=int, default=None,
+                   help="training contexts drawn, then repeated (default: steps x batch size, or 100000 with a budget in minutes)")
     # the model
-    t.add_argument("--base", default="scratch", help="'scratch' (a tiny Llama, random init) or an HF Llama folder with tokenizer.model")
+    t.add_argument("--base", default=base, help="an HF Llama folder with tokenizer.model, or 'scratch' (a tiny Llama, random init)")
     t.add_argument("--dim", type=int, default=128, help="scratch model width")
     t.add_argument("--n-layers", type=int, default=4, help="scratch model depth")
     t.add_argument("--n-heads", type=int, default=4, help="scratch model heads")
@@ -287,10 +322,13 @@ def training_flags(t, steps=5000, batch=32, lr=3e-3):
     t.add_argument("--lora-r", type=int, default=64)
     t.add_argument("--lora-alpha", type=float, default=64)
     t.add_argument("--lora-dropout", type=float, default=0.05)
-    t.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj")
+    t.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                   help="the paper adapts q,k,v,o of LLaMA 7B; a 1M-parameter base needs its MLPs adapted too")
     # optimisation
-    t.add_argument("--steps", type=int, default=steps)
-    t.add_argument("--minutes", type=float, default=None, help="stop after this much wall time")
+    t.add_argument("--minutes", type=float, default=None,
+                   help=f"the budget: train for this much wall time, the LR schedule following the clock (default {minutes} without --steps)")
+    t.add_argument("--steps", type=int, default=None, help="the budget in steps instead (with --minutes: whichever ends first)")
+    t.set_defaults(default_minutes=minutes)
     t.add_argument("--batch-size", type=int, default=batch)
     t.add_argument("--micro-batch-size", type=int, default=32)
     t.add_argument("--lr", type=float, default=lr)
@@ -313,10 +351,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="fine-tune a model on one task and method")
-    training_flags(t)
+    training_flags(t, EMBEDDED_BASE, minutes=8)
     pt = sub.add_parser("pretrain", help="pretrain the embedded base on the generic corpus of pretrain.py")
-    training_flags(pt, steps=5000, batch=64, lr=2e-3)
-    pt.set_defaults(eval_every=0, save_every=500)
+    training_flags(pt, "scratch", minutes=45, lr=2e-3)
+    pt.set_defaults(eval_every=500, save_every=500, warmup=200, n_examples=300_000)
     pt.add_argument("--export", default=os.path.join("assets", "base"), help="where the base is written")
     d = sub.add_parser("data", help="print training examples or the token-count table")
     d.add_argument("--task", choices=list(tasks.TASKS), default="addition")

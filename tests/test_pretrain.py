@@ -1,8 +1,14 @@
 """The pretraining corpus of the embedded base. Run: python -m pytest tests/test_pretrain.py -q"""
 import ast
+import random
 import re
 
+import torch
+
 import pretrain
+import retuning
+from model import Tokenizer
+from tasks import prompt_ids
 
 
 def test_the_corpus_is_deterministic_and_seed_dependent():
@@ -35,3 +41,29 @@ def test_the_corpus_holds_no_multi_step_algorithm():
         if facts:  # one column of an addition, or a small number plus a small number
             a, b = int(facts.group(1)), int(facts.group(2))
             assert (0 <= a <= 9 and 0 <= b <= 9) or (-5 <= a <= 5 and 0 <= b <= 60)
+
+
+class Oracle(torch.nn.Module):
+    """Emits the true completion of whichever known prompt it is given, then EOS."""
+
+    def __init__(self, tok, items, perfect=True):
+        super().__init__()
+        self.tok, self.perfect = tok, perfect
+        self.known = [(prompt_ids(tok, p), tok.encode(w) + [tok.eos_id]) for p, w in items]
+
+    def forward(self, ids):
+        ids = ids[0].tolist()
+        prompt, target = next((p, t) for p, t in self.known if ids[:len(p)] == p)
+        i = len(ids) - len(prompt)
+        logits = torch.zeros(1, len(ids), self.tok.vocab_size)
+        logits[0, -1, target[i] if self.perfect and i < len(target) else self.tok.eos_id] = 1.0
+        return logits
+
+
+def test_the_copy_check_scores_a_perfect_copier_1_and_a_mute_model_0():
+    tok = Tokenizer(retuning.EMBEDDED_TOKENIZER)
+    rng = random.Random("probe/5")  # the items check() will draw
+    items = [pretrain.edit_item(rng) for _ in range(40)]
+    scores = pretrain.check(Oracle(tok, items), tok, n=40)
+    assert set(scores.values()) == {1.0} and {"copy short", "drop long"} <= set(scores)
+    assert set(pretrain.check(Oracle(tok, items, perfect=False), tok, n=40).values()) == {0.0}

@@ -11,7 +11,7 @@ import tasks
 from model import Llama, ModelArgs, Tokenizer
 
 TOK = Tokenizer(retuning.EMBEDDED_TOKENIZER)
-TINY = ["--dim", "32", "--n-layers", "2", "--n-heads", "2", "--batch-size", "8", "--micro-batch-size", "4",
+TINY = ["--base", "scratch", "--dim", "32", "--n-layers", "2", "--n-heads", "2", "--batch-size", "8", "--micro-batch-size", "4",
         "--n-examples", "400", "--eval-every", "0", "--warmup", "2"]
 
 
@@ -78,7 +78,7 @@ def test_a_half_written_checkpoint_never_replaces_a_good_one(tmp_path, monkeypat
     monkeypatch.setattr(torch, "save", crash)
     model, _ = retuning.build_model(retuning_args(), "cpu")
     with pytest.raises(OSError):
-        retuning.save_checkpoint(str(run), model, torch.optim.AdamW(model.parameters()), 99)
+        retuning.save_checkpoint(str(run), model, torch.optim.AdamW(model.parameters()), 99, 1.0)
     assert (run / "checkpoint.pt").read_bytes() == good
     assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == 3
 
@@ -131,10 +131,30 @@ def test_eval_writes_results_json_a_table_and_one_plot_per_task(tmp_path, capsys
     retuning.main(["train", "--task", "parity", "--steps", "2", "--out", run, *TINY])
     evaluation.main([run, "--lengths", "1-3", "--per-length", "2", "--out", str(tmp_path / "res")])
     results = json.loads((tmp_path / "res" / "results.json").read_text())["runs"]
-    assert [(r["task"], r["method"], r["train_length"]) for r in results] == [("parity", "retuning", 8)]
+    assert [(r["task"], r["method"], r["train_length"]) for r in results] == [("parity", "retuning", 6)]
     assert set(results[0]["accuracy"]) == {"1", "2", "3"} and results[0]["count"] == {"1": 2, "2": 2, "3": 2}
     assert (tmp_path / "res" / "parity.png").stat().st_size > 1000
-    assert "| parity | retuning | 8 |" in (tmp_path / "res" / "results.md").read_text()
+    assert "| parity | retuning | 6 |" in (tmp_path / "res" / "results.md").read_text()
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())  # what training cost
+    assert summary["steps"] == 2 and summary["examples_seen"] == 16 and summary["peak_rss_mib"] > 50
+    assert results[0]["training"] == summary and results[0]["out_of_distribution"] is None  # 1-3 <= 6
+
+
+def test_the_comparison_gives_re_tunings_margin_beyond_the_training_lengths():
+    import eval as evaluation
+    acc = {"baseline": [1.0, 1.0, 0.2, 0.0], "scratchpad": [1.0, 1.0, 0.4, 0.2], "retuning": [1.0, 1.0, 1.0, 0.6]}
+    results = [{"task": "parity", "method": m, "train_length": 2, "in_distribution": 1.0, "training": None,
+                "out_of_distribution": (a[2] + a[3]) / 2} for m, a in acc.items()]
+    md = evaluation.comparison(results)
+    assert "| parity | baseline | 100.0 | 10.0 | +70.0 |" in md and "| parity | scratchpad | 100.0 | 30.0 | +50.0 |" in md
+    assert "Re-Tuning over baseline, out of distribution, mean over 1 task(s): +70.0 points" in md
+
+
+def test_with_a_budget_in_minutes_the_learning_rate_follows_the_clock():
+    args = retuning.main.__globals__["argparse"].Namespace(lr=1.0, warmup=0, schedule="cosine", steps=10**6, minutes=10)
+    assert retuning.get_lr(5, args, elapsed=0) == pytest.approx(1.0, abs=1e-3)
+    assert retuning.get_lr(5, args, elapsed=300) == pytest.approx(0.55)
+    assert retuning.get_lr(5, args, elapsed=600) == pytest.approx(0.1)
 
 
 def test_eval_points_at_the_first_context_where_the_call_tree_goes_wrong():
