@@ -6,7 +6,7 @@ A tiny model trained from scratch has none of that, so the embedded base is pret
 corpus first (`python retuning.py pretrain`). Every item is a (prompt, completion) pair in the
 tasks' alphabet and words ("Answer: ", digits, " + ", Python lists), one of:
 
-  copy          "Copy 93048 + 62687\\nAnswer: "                -> "93048 + 62687"
+  copy          "Copy 93048 + 62687\\nAnswer: "                -> "93048 + 62687"  (also words: "Copy item Carry dp")
   drop first    "Drop the first element of [1, 0, 1]\\nAnswer: " -> "[0, 1]"   (numbers: first digit of each)
   first         "First element of 4821 + 0937\\nAnswer: "      -> "4 + 0"
   prepend       "Put 7 in front of [4, 4]\\nAnswer: "           -> "[7, 4, 4]"
@@ -25,9 +25,22 @@ MAX_DIGITS = 24  # digit strings; a pair has two operands of up to 12 (fine-tuni
 MAX_ITEMS = 16  # list items (fine-tuning: at most 6, evaluation: at most 12)
 
 
+# The words of the tasks' prompts and completions. A pretrained LLM can write all of them; a tiny
+# base that never wrote "Carry" or "Call" has untrained output embeddings for them, and LoRA (which
+# leaves lm_head frozen) then cannot make them likely: a first base scored ~1% on those tokens.
+WORDS = ("Carry Output Call: Return: Answer: Solution: Question: What is the parity of Compute one element "
+         "at a time. Create dp array chosen indices sum item can use True False Append max return. If there "
+         "only we should it else call with minus first to get Reconstructing all together, output input "
+         "Let's solve Given sequence integers find subsequence highest such that no two numbers are adjacent "
+         "in original list for unchosen ones multiple solutions exist select lexicographically smallest "
+         "array: Output, = ( ) [ ] \n").split(" ")
+
+
 def obj(rng: random.Random):
-    """A random object of one of the tasks' shapes: a number, a pair of numbers, a list."""
-    kind = rng.choice(["digits", "pair", "bits", "small", "sums"])
+    """A random object of one of the tasks' shapes: a number, a pair of numbers, a list, words."""
+    kind = rng.choice(["digits", "pair", "bits", "small", "sums", "words"])
+    if kind == "words":  # words in random order: no digits, no sentence of any task
+        return kind, " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 12)))
     if kind == "digits":
         return kind, "".join(rng.choice("0123456789") for _ in range(rng.randint(1, MAX_DIGITS)))
     if kind == "pair":
@@ -54,7 +67,7 @@ def edit_item(rng):
     """copy / drop first / first / prepend on a random object."""
     kind, x = obj(rng)
     op = rng.choice(["copy", "drop", "first", "prepend"])
-    if op == "copy":
+    if op == "copy" or kind == "words":
         return f"Copy {text(kind, x)}\nAnswer: ", text(kind, x)
     if op == "first":
         return f"First element of {text(kind, x)}\nAnswer: ", first(kind, x)

@@ -353,7 +353,7 @@ def main(argv=None):
     t = sub.add_parser("train", help="fine-tune a model on one task and method")
     training_flags(t, EMBEDDED_BASE, minutes=8)
     pt = sub.add_parser("pretrain", help="pretrain the embedded base on the generic corpus of pretrain.py")
-    training_flags(pt, "scratch", minutes=45, lr=2e-3)
+    training_flags(pt, "scratch", minutes=40, lr=2e-3)
     pt.set_defaults(eval_every=500, save_every=500, warmup=200, n_examples=300_000)
     pt.add_argument("--export", default=os.path.join("assets", "base"), help="where the base is written")
     d = sub.add_parser("data", help="print training examples or the token-count table")
