@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The paper's 3 x 3 comparison (tasks x methods) at small scale, in one command:
 #
-#   bash reproduce.sh                  # ~45 min on a 2-core CPU
+#   bash reproduce.sh                  # ~40 min on a 2-core CPU
 #   MINUTES=3 OUT=/tmp/r bash reproduce.sh   # a quicker, rougher pass
 #
 # Each (task, method) fine-tunes the committed base (assets/base, `python retuning.py pretrain`)
@@ -13,14 +13,14 @@
 # `python eval.py OUT/runs/<task>-<method>` evaluates again.
 set -euo pipefail
 cd "$(dirname "$0")"
-MINUTES=${MINUTES:-8}
+MINUTES=${MINUTES:-7}
 OUT=${OUT:-results}
 PER_LENGTH=${PER_LENGTH:-50}
 mkdir -p "$OUT/runs"
 
 fine_tune() {  # task method: one run on one core, its progress in OUT/runs/<task>-<method>.log
-    OMP_NUM_THREADS=1 python retuning.py train --task "$1" --method "$2" --minutes "$MINUTES" \
-        --steps 1000000 --n-examples 100000 --eval-every 0 --save-every 500 \
+    OMP_NUM_THREADS=1 TQDM_MININTERVAL=30 python retuning.py train --task "$1" --method "$2" --minutes "$MINUTES" \
+        --eval-every 0 --save-every 500 \
         --out "$OUT/runs/$1-$2" --overwrite > "$OUT/runs/$1-$2.log" 2>&1
     echo "$1-$2: $(tail -n 1 "$OUT/runs/$1-$2.log")"
 }
