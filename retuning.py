@@ -234,7 +234,7 @@ def fit(run, model, tok, opt, data, args, device, step, elapsed):
                     tqdm.write(f"step {step}: {rec['probe']}")
             log.write(json.dumps(rec) + "\n")
             log.flush()
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=rec["tok_s"], **({"acc": rec["check_acc"]} if "check_acc" in rec else {}))
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=rec["tok_s"], **({"acc": rec["check_acc"]} if "check_acc" in rec else {}), refresh=False)
             bar.update(1)
             if step % args.save_every == 0:
                 save_checkpoint(run, model, opt, step, time.time() - t0)
@@ -351,7 +351,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="fine-tune a model on one task and method")
-    training_flags(t, EMBEDDED_BASE, minutes=8)
+    training_flags(t, EMBEDDED_BASE, minutes=7)
     pt = sub.add_parser("pretrain", help="pretrain the embedded base on the generic corpus of pretrain.py")
     training_flags(pt, "scratch", minutes=40, lr=2e-3)
     pt.set_defaults(eval_every=500, save_every=500, warmup=200, n_examples=300_000)

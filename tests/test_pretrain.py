@@ -76,3 +76,12 @@ def test_word_items_carry_no_digits_and_cover_every_word():
     words = [c for p, c in pretrain.corpus(6, 3000) if p.startswith("Copy ") and set(c.split(" ")) <= vocab]
     assert len(words) > 50 and not any(re.search(r"\d", w) for w in words)
     assert set(" ".join(words).split(" ")) == vocab  # every word written at least once, newline included
+
+
+def test_the_committed_base_loads_and_copies_what_it_was_pretrained_on():
+    """assets/base, the default --base of `train`: fresh copy / drop / put / first items, exact match."""
+    from model import Llama
+    base = retuning.resolve(retuning.EMBEDDED_BASE)
+    model = Llama.from_pretrained(base)
+    scores = pretrain.check(model, Tokenizer(f"{base}/tokenizer.model"), n=60, seed=11)
+    assert len(scores) >= 5 and sum(scores.values()) / len(scores) >= 0.9, scores
