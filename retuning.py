@@ -65,6 +65,9 @@ def make_dataset(args, tok):
         contexts = pretrain.corpus(args.seed, args.n_examples)
     else:
         contexts = tasks.training_contexts(args.task, args.method, args.max_len, args.seed, args.n_examples)
+        if args.rehearsal:  # keep the base's skills alive: mix in its pretraining items (pretrain.py)
+            extra = pretrain.corpus(args.seed + 1, int(args.rehearsal * len(contexts)))
+            contexts = [c for pair in zip(contexts, extra) for c in pair] + contexts[len(extra):]
     return [tasks.context_ids(tok, segs) for segs in contexts]
 
 
@@ -311,6 +314,7 @@ def training_flags(t, base, minutes, batch=32, lr=2e-3):
     t.add_argument("--task", choices=list(tasks.TASKS), default="addition")
     t.add_argument("--method", choices=list(tasks.METHODS), default="retuning")
     t.add_argument("--max-len", type=int, default=None, help="longest training problem (default per task: %s)" % DEFAULT_LEN)
+    t.add_argument("--rehearsal", type=float, default=0.0, help="add this fraction of pretraining items (pretrain.py) to the data")
     t.add_argument("--n-examples", type=int, default=None,
                    help="training contexts drawn, then repeated (default: steps x batch size, or 100000 with a budget in minutes)")
     # the model

@@ -166,3 +166,14 @@ def test_eval_points_at_the_first_context_where_the_call_tree_goes_wrong():
                    segments=["34 + 78\nSolution: ", "Call: 4 + 8\n", "Return: Carry 1, Output 3\nAnswer: ", "Carry 1, Output 13"])
     where, want, got = evaluation.first_error(root, true)
     assert (where, want, got) == ("4 + 8\nSolution: ", "Carry 1, Output 2", "Carry 1, Output 3")
+
+
+def test_rehearsal_mixes_the_bases_pretraining_items_into_the_task_data():
+    args = retuning.main.__globals__["argparse"].Namespace(
+        command="train", task="parity", method="retuning", max_len=3, seed=0, n_examples=40, rehearsal=0.5)
+    data = retuning.make_dataset(args, TOK)
+    plain = retuning.make_dataset(retuning.main.__globals__["argparse"].Namespace(**{**vars(args), "rehearsal": 0.0}), TOK)
+    assert len(data) == 60 and len(plain) == 40
+    assert [d for d in data if d in plain] == plain  # the task's contexts, in order, plus 20 others
+    import pretrain
+    assert [d for d in data if d not in plain] == [tasks.context_ids(TOK, c) for c in pretrain.corpus(1, 20)]
