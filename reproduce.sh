@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The paper's 3 x 3 comparison (tasks x methods) at small scale, in one command:
 #
-#   bash reproduce.sh                  # ~40 min on a 2-core CPU
+#   bash reproduce.sh                  # ~47 min on a 2-core CPU
 #   MINUTES=3 OUT=/tmp/r bash reproduce.sh   # a quicker, rougher pass
 #
 # Each (task, method) fine-tunes the committed base (assets/base, `python retuning.py pretrain`)

@@ -218,7 +218,7 @@ def fit(run, model, tok, opt, data, args, device, step, elapsed):
     stream = batches(data, args.batch_size, args.seed)
     for _ in range(step):  # same data order as an uninterrupted run
         next(stream)
-    t0, bar = time.time() - elapsed, tqdm(total=args.steps, initial=step, desc="train", dynamic_ncols=True)  # no total: a budget in minutes
+    t0, bar = time.time() - elapsed, tqdm(total=args.steps, initial=step, desc="train", dynamic_ncols=True)  # total None: minutes
     try:
         while (args.steps is None or step < args.steps) and (args.minutes is None or time.time() - t0 < 60 * args.minutes):
             lr = get_lr(step, args, time.time() - t0)
@@ -359,7 +359,7 @@ def main(argv=None):
     pt = sub.add_parser("pretrain", help="pretrain the embedded base on the generic corpus of pretrain.py")
     training_flags(pt, "scratch", minutes=40, lr=2e-3)
     pt.set_defaults(eval_every=500, save_every=500, warmup=200, n_examples=300_000)
-    pt.add_argument("--export", default=os.path.join("assets", "base"), help="where the base is written")
+    pt.add_argument("--export", default=EMBEDDED_BASE, help="where the base is written")
     d = sub.add_parser("data", help="print training examples or the token-count table")
     d.add_argument("--task", choices=list(tasks.TASKS), default="addition")
     d.add_argument("--method", choices=list(tasks.METHODS), default="retuning")

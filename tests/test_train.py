@@ -1,4 +1,5 @@
 """Training loop: loss, loss mask, exact resume, atomic checkpoints. Run: python -m pytest tests/test_train.py -q"""
+import argparse
 import json
 import os
 import shutil
@@ -151,7 +152,7 @@ def test_the_comparison_gives_re_tunings_margin_beyond_the_training_lengths():
 
 
 def test_with_a_budget_in_minutes_the_learning_rate_follows_the_clock():
-    args = retuning.main.__globals__["argparse"].Namespace(lr=1.0, warmup=0, schedule="cosine", steps=10**6, minutes=10)
+    args = argparse.Namespace(lr=1.0, warmup=0, schedule="cosine", steps=10**6, minutes=10)
     assert retuning.get_lr(5, args, elapsed=0) == pytest.approx(1.0, abs=1e-3)
     assert retuning.get_lr(5, args, elapsed=300) == pytest.approx(0.55)
     assert retuning.get_lr(5, args, elapsed=600) == pytest.approx(0.1)
@@ -169,10 +170,10 @@ def test_eval_points_at_the_first_context_where_the_call_tree_goes_wrong():
 
 
 def test_rehearsal_mixes_the_bases_pretraining_items_into_the_task_data():
-    args = retuning.main.__globals__["argparse"].Namespace(
+    args = argparse.Namespace(
         command="train", task="parity", method="retuning", max_len=3, seed=0, n_examples=40, rehearsal=0.5)
     data = retuning.make_dataset(args, TOK)
-    plain = retuning.make_dataset(retuning.main.__globals__["argparse"].Namespace(**{**vars(args), "rehearsal": 0.0}), TOK)
+    plain = retuning.make_dataset(argparse.Namespace(**{**vars(args), "rehearsal": 0.0}), TOK)
     assert len(data) == 60 and len(plain) == 40
     assert [d for d in data if d in plain] == plain  # the task's contexts, in order, plus 20 others
     import pretrain
