@@ -121,7 +121,7 @@ def byte_level_tokenizer(meta: dict):
     if meta.get("tokenizer.ggml.model") != "gpt2":
         raise CheckpointError(f"GGUF tokenizer {meta.get('tokenizer.ggml.model')!r} is not supported (only byte-level BPE, 'gpt2')")
     tokens = meta["tokenizer.ggml.tokens"]
-    merges = [tuple(m.split(" ")) for m in meta["tokenizer.ggml.merges"]]
+    merges = [tuple(m.split(" ")) for m in meta.get("tokenizer.ggml.merges", [])]
     tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges))
     split = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
     if meta.get("tokenizer.ggml.pre") == "smollm":  # SmolLM's tokenizer.json: one token per digit

@@ -16,6 +16,7 @@ import time
 import torch
 from tqdm import tqdm
 
+import steps
 import tasks
 from decoder import decode
 from retuning import eval_limits, load_run
@@ -61,7 +62,7 @@ def describe(task, method, s) -> str:
             f"    in context {where[-120:]!r}\n    expected {want[:120]!r}\n    got      {got[:120]!r}")
 
 
-def evaluate(run, lengths, per_length, seed, batch_size, device, n_failures=3):
+def evaluate(run, lengths, per_length, seed, batch_size, device, n_failures=3, by_step=False):
     model, tok, cfg = load_run(run, device)
     task, method = cfg["task"], cfg["method"]
     acc, count, failures, n_tokens = {}, {}, [], 0
@@ -88,7 +89,10 @@ def evaluate(run, lengths, per_length, seed, batch_size, device, n_failures=3):
     ood = [a for L, a in acc.items() if int(L) > cfg["train_length"]]
     ind = [a for L, a in acc.items() if int(L) <= cfg["train_length"]]
     summary = os.path.join(run, "summary.json")  # what training cost (retuning.write_summary)
-    return {"run": run, "task": task, "method": method, "train_length": cfg["train_length"],
+    if by_step:  # where it breaks: each step teacher-forced (steps.py)
+        by_step = steps.by_step(model, tok, task, method, lengths, per_length, seed, batch_size)
+        print(steps.table(task, method, by_step))
+    return {"by_step": by_step or None, "run": run, "task": task, "method": method, "train_length": cfg["train_length"],
             "accuracy": acc, "count": count, "seconds": round(dt, 1), "generated_tokens": n_tokens,
             "in_distribution": sum(ind) / len(ind) if ind else None,
             "out_of_distribution": sum(ood) / len(ood) if ood else None,
@@ -159,6 +163,7 @@ def main(argv=None):
     p.add_argument("--lengths", default=None, help="e.g. 1-32 or 2,4,8 (default: 1 to 2x the training length)")
     p.add_argument("--paper-lengths", action="store_true", help="the paper's ranges: %s" % PAPER_LENGTHS)
     p.add_argument("--per-length", type=int, default=20)
+    p.add_argument("--by-step", action="store_true", help="also each step's teacher-forced accuracy (steps.py): where a method breaks")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -177,11 +182,12 @@ def main(argv=None):
             lengths = parse_lengths(args.lengths or PAPER_LENGTHS[cfg["task"]])
         else:
             lengths = list(range(low, 2 * cfg["train_length"] + 1))
-        results.append(evaluate(run, lengths, args.per_length, args.seed, args.batch_size, args.device))
+        results.append(evaluate(run, lengths, args.per_length, args.seed, args.batch_size, args.device, by_step=args.by_step))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"runs": results}, f, indent=1)
     md = table(results) + "\n\n" + comparison(results)
+    md += "".join("\n\n" + steps.table(r["task"], r["method"], r["by_step"]) for r in results if r["by_step"])
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(md + "\n")
     plot(results, args.out)

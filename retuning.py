@@ -291,8 +291,9 @@ def load_run(run, device="cpu"):
     """(model, tokenizer, config) of a run folder written by `train`."""
     with open(os.path.join(run, "config.json")) as f:
         cfg = json.load(f)
-    if os.path.isdir(os.path.join(run, "adapter")):
-        model = Llama.from_pretrained(resolve(cfg["base"]), device=device)
+    if os.path.isdir(os.path.join(run, "adapter")):  # in bf16 if it was trained so (--bf16)
+        dtype = torch.bfloat16 if cfg.get("bf16") or device.startswith("cuda") else None
+        model = Llama.from_pretrained(resolve(cfg["base"]), dtype=dtype, device=device)
         load_adapter(model, os.path.join(run, "adapter"))
         tok = Tokenizer.from_folder(resolve(cfg["base"]))
     else:

@@ -1,0 +1,95 @@
+"""Where a method breaks: teacher-forced accuracy of each step, per problem length.
+
+    python eval.py runs/addition-retuning --by-step
+
+End-to-end accuracy says *that* a method fails at 6 digits, not *where*. Here each problem's
+top-level context is fed its true text, and a step counts as right when the model's greedy
+choice equals the true token at every position of that step (its EOS included). This is exactly
+"greedy decoding from the true prefix reproduces the step", computed in one forward pass.
+The steps, per method (paper Sec. 3):
+- Re-Tuning: `call` (the sub-problem it writes; `call 2` for DP's second call), and `answer`
+  after the true return, i.e. the one combining step; a base-case context has only `answer`;
+- baseline: `answer`;
+- scratchpad: `line 1`, `line 2`, ... each given the true lines before it.
+Returned values are never steps: they are read, not written (the loss mask of training).
+"""
+import torch
+
+import tasks
+
+
+def step_spans(tok, segments, method):
+    """[(label, first, last)] token positions of each step of a context (token ids as context_ids)."""
+    ids, mask = tasks.context_ids(tok, segments)
+    spans, t, n_calls = [], 0, 0
+    for i, seg in enumerate(segments[1::2]):  # the completions, in order
+        while not mask[t]:
+            t += 1
+        end = t
+        while end + 1 < len(mask) and mask[end + 1]:
+            end += 1
+        if method == "scratchpad":
+            spans += line_spans(tok, ids[t:end + 1], t)
+        else:
+            kind, _ = tasks.read_completion(seg) if method == "retuning" else ("answer", seg)
+            n_calls += kind == "call"
+            label = "call" if kind == "call" and n_calls == 1 else f"call {n_calls}" if kind == "call" else "answer"
+            spans.append((label, t, end))
+        t = end + 1
+    return ids, spans
+
+
+def line_spans(tok, comp_ids, offset):
+    """Split one completion's tokens into lines: a token belongs to the line its text starts in."""
+    spans, start, line = [], 0, 0
+    for j in range(1, len(comp_ids) + 1):
+        n_lines = tok.decode(comp_ids[:j]).count("\n")
+        if n_lines > line or j == len(comp_ids):  # token j - 1 ends this line (or the completion)
+            spans.append((f"line {line + 1}", offset + start, offset + j - 1))
+            start, line = j, n_lines
+    return spans
+
+
+@torch.no_grad()
+def step_hits(model, tok, contexts, method):
+    """For each context (list of segments): {label: right?} under teacher forcing."""
+    rows = [step_spans(tok, segs, method) for segs in contexts]
+    T = max(len(ids) for ids, _ in rows)
+    x = torch.full((len(rows), T), tok.eos_id, dtype=torch.long)
+    for b, (ids, _) in enumerate(rows):
+        x[b, :len(ids)] = torch.tensor(ids)
+    dev = next(model.parameters()).device
+    # the prediction at position t - 1 is the model's choice for token t
+    pred = torch.full_like(x, -1)
+    pred[:, 1:] = model(x[:, :-1].to(dev)).argmax(-1).cpu()
+    return [{label: bool((pred[b, lo:hi + 1] == x[b, lo:hi + 1]).all()) for label, lo, hi in spans}
+            for b, (_, spans) in enumerate(rows)]
+
+
+def top_context(task, problem, method):
+    """The context that opens with the problem's own prompt (the others are its sub-calls)."""
+    prompt = tasks.TASKS[task].prompt(problem, method)
+    return next(segs for segs in tasks.TASKS[task].trace(problem, method) if segs[0] == prompt)
+
+
+def by_step(model, tok, task, method, lengths, per_length, seed, batch_size=32):
+    """{length: {step label: accuracy}} over fresh problems' top-level contexts."""
+    out = {}
+    for L in lengths:
+        problems = tasks.eval_problems(task, L, per_length, seed)
+        contexts = [top_context(task, p, method) for p in problems]
+        hits = []
+        for b in range(0, len(contexts), batch_size):
+            hits += step_hits(model, tok, contexts[b:b + batch_size], method)
+        labels = list(dict.fromkeys(k for h in hits for k in h))
+        out[str(L)] = {k: sum(h.get(k, False) for h in hits) / len(hits) for k in labels}
+    return out
+
+
+def table(task, method, acc: dict) -> str:
+    """Markdown: one row per length, one column per step."""
+    labels = list(dict.fromkeys(k for row in acc.values() for k in row))
+    rows = [f"| {task} {method}: length | " + " | ".join(labels) + " |", "|" + "---|" * (1 + len(labels))]
+    for L, row in acc.items():
+        rows.append(f"| {L} | " + " | ".join(f"{100 * row[k]:.0f}" if k in row else "" for k in labels) + " |")
+    return "\n".join(rows)
