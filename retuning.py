@@ -26,7 +26,8 @@ import pretrain
 import tasks
 from decoder import Limits, decode, format_trace
 from lora import apply_lora, load_adapter, lora_layers, save_adapter
-from model import Llama, ModelArgs, Tokenizer, atomic_write, tokenizer_file, write_text
+from checkpoint import Tokenizer, atomic_write, tokenizer_file, write_text
+from model import Llama, ModelArgs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EMBEDDED_TOKENIZER = os.path.join(HERE, "assets", "tokenizer.model")

@@ -22,7 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import retuning  # noqa: E402
 import tasks  # noqa: E402
 from decoder import TraceModel, decode, decode_naive  # noqa: E402
-from model import Llama, ModelArgs, Tokenizer  # noqa: E402
+from checkpoint import Tokenizer  # noqa: E402
+from model import Llama, ModelArgs  # noqa: E402
 
 
 def timed(fn, problems):

@@ -13,7 +13,8 @@ import torch
 import retuning
 import tasks
 from decoder import Limits, TraceModel, decode, decode_naive, format_trace
-from model import KVCache, Llama, ModelArgs, Tokenizer
+from checkpoint import Tokenizer
+from model import KVCache, Llama, ModelArgs
 
 TOK = Tokenizer(retuning.EMBEDDED_TOKENIZER)
 

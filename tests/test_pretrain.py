@@ -7,7 +7,7 @@ import torch
 
 import pretrain
 import retuning
-from model import Tokenizer
+from checkpoint import Tokenizer
 from tasks import prompt_ids
 
 

@@ -13,7 +13,7 @@ import random
 import pytest
 
 import tasks
-from model import Tokenizer
+from checkpoint import Tokenizer
 from tasks import METHODS, TASKS
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -9,7 +9,8 @@ import torch
 
 import retuning
 import tasks
-from model import Llama, ModelArgs, Tokenizer
+from checkpoint import Tokenizer
+from model import Llama, ModelArgs
 
 TOK = Tokenizer(retuning.EMBEDDED_TOKENIZER)
 TINY = ["--base", "scratch", "--dim", "32", "--n-layers", "2", "--n-heads", "2", "--batch-size", "8", "--micro-batch-size", "4",
