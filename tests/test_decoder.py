@@ -10,6 +10,7 @@ import random
 import pytest
 import torch
 
+import data
 import retuning
 import tasks
 from decoder import Limits, TraceModel, decode, decode_naive, format_trace
@@ -30,8 +31,8 @@ def flatten(ctx):
 @pytest.mark.parametrize("task", list(tasks.TASKS))
 @pytest.mark.parametrize("method", tasks.METHODS)
 def test_a_perfect_model_solves_every_task_and_its_call_tree_is_the_true_trace(task, method):
-    low = 2 if task == "dp" else 1
-    problems = [tasks.eval_problems(task, L, 2, 5)[i] for L in range(low, low + 5) for i in range(2)]
+    low = tasks.TASKS[task].min_len
+    problems = [data.eval_problems(task, L, 2, 5)[i] for L in range(low, low + 5) for i in range(2)]
     model = TraceModel(TOK, task, method, problems)
     solves = decode(model, TOK, task, method, problems, Limits(max_context_len=4096, max_new=4096))
     for s in solves:
@@ -116,7 +117,7 @@ def test_a_model_emitting_random_tokens_yields_failures_with_reasons(task, metho
         for word in ("Call: 1 + 2\n", "Answer: ", "[1, 0]", "Return"):
             model.lm_head.weight[TOK.encode(word)] += torch.randn(len(TOK.encode(word)), args.dim) * 0.5
         model.lm_head.weight[TOK.eos_id] += 0.3 * model.embed_tokens.weight.mean(0)
-    problems = tasks.eval_problems(task, 3, 6, 0)
+    problems = data.eval_problems(task, 3, 6, 0)
     lim = Limits(max_new=12, max_context_len=64, max_depth=4, max_contexts=6)
     solves = decode(model, TOK, task, method, problems, lim)
     assert_same(solves, decode_naive(model, TOK, task, method, problems, lim))
