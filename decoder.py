@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from model import KVCache, ModelArgs
-from tasks import TASKS, child_prompt, context_ids, prompt_ids, read_completion, resume_ids, resume_text
+from tasks import TASKS, child_prompt, completion_ids, context_ids, prompt_ids, read_completion, resume_ids, resume_text
 
 
 @dataclass
@@ -30,6 +30,19 @@ class Limits:
     max_contexts: int = 256  # contexts opened by one problem
     max_new: int = 256  # tokens in one completion
     max_context_len: int = 1024  # tokens in one context (also the KV cache's max_len)
+
+
+def eval_limits(task, method, tok, problems) -> Limits:
+    """Guards sized from the true traces: about twice the longest completion, context and depth."""
+    comp, ctx, n_ctx = 8, 8, 1
+    for p in problems:
+        trace = TASKS[task].trace(p, method)
+        n_ctx = max(n_ctx, len(trace))
+        for segs in trace:
+            comp = max([comp] + [len(completion_ids(tok, c)) for c in segs[1::2]])
+            ctx = max(ctx, len(context_ids(tok, segs)[0]))
+    return Limits(max_depth=2 * n_ctx + 4, max_contexts=2 * n_ctx + 4,
+                  max_new=2 * comp + 8, max_context_len=2 * ctx + 16)
 
 
 @dataclass

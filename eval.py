@@ -17,8 +17,8 @@ import torch
 from tqdm import tqdm
 
 from data import eval_problems
-from decoder import decode
-from retuning import eval_limits, load_run
+from decoder import decode, eval_limits
+from runs import load_run
 from tasks import TASKS
 
 
@@ -85,7 +85,7 @@ def evaluate(run, lengths, per_length, seed, batch_size, device, n_failures=3):
         print("first failures:\n" + "\n".join(failures))
     ood = [a for L, a in acc.items() if int(L) > cfg["train_length"]]
     ind = [a for L, a in acc.items() if int(L) <= cfg["train_length"]]
-    summary = os.path.join(run, "summary.json")  # what training cost (retuning.write_summary)
+    summary = os.path.join(run, "summary.json")  # what training cost (runs.write_summary)
     return {"run": run, "task": task, "method": method, "train_length": cfg["train_length"],
             "accuracy": acc, "count": count, "seconds": round(dt, 1), "generated_tokens": n_tokens,
             "in_distribution": sum(ind) / len(ind) if ind else None,

@@ -13,11 +13,12 @@ import torch
 import data
 import retuning
 import tasks
-from decoder import Limits, TraceModel, decode, decode_naive, format_trace
 from checkpoint import Tokenizer
+from decoder import Limits, TraceModel, decode, decode_naive, format_trace
 from model import KVCache, Llama, ModelArgs
+from runs import EMBEDDED_TOKENIZER, load_run
 
-TOK = Tokenizer(retuning.EMBEDDED_TOKENIZER)
+TOK = Tokenizer(EMBEDDED_TOKENIZER)
 
 
 def flatten(ctx):
@@ -53,7 +54,7 @@ def trained(tmp_path_factory):
     retuning.main(["train", "--task", "addition", "--max-len", "3", "--steps", "150", "--dim", "64",
                    "--n-layers", "2", "--n-examples", "4000", "--eval-every", "0", "--lr", "1e-2",
                    "--out", str(out), "--save-every", "1000"])
-    model, tok, _ = retuning.load_run(str(out))
+    model, tok, _ = load_run(str(out))
     return model
 
 
