@@ -35,18 +35,15 @@ def first_error(ctx, truth: dict):
     """(context text, expected, got) at the first place the model's call tree leaves the true one.
 
     `truth` maps each true context's prompt to its true segments. A wrong resume means a child
-    returned a wrong value, so the search descends into that child.
+    returned a wrong value, so the search descends into that child, the one the call before opened.
     """
     true = truth.get(ctx.prompt)
     if true is None:
         return ctx.prompt, "(a sub-problem of the true trace)", "this sub-problem"
-    children, child = iter(ctx.children), None
     for i, seg in enumerate(ctx.segments[1:], 1):
-        if i % 2 == 1 and seg.endswith("\n") and "Call: " in seg:
-            child = next(children, None)
         if i >= len(true) or seg != true[i]:
-            if i % 2 == 0 and child is not None:
-                return first_error(child, truth)
+            if i % 2 == 0 and i - 1 in ctx.calls:
+                return first_error(ctx.calls[i - 1], truth)
             return "".join(ctx.segments[:i]), true[i] if i < len(true) else "(nothing)", seg
     return "".join(ctx.segments), true[len(ctx.segments)] if len(ctx.segments) < len(true) else "", "(stopped)"
 

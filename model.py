@@ -198,14 +198,19 @@ class KVCache:
             self.free_pages = list(range(2 * n - 1, n - 1, -1))
         return self.free_pages.pop()
 
-    def plan(self, slots: list, n_new: list, T: int) -> Step:
+    def reserve(self, slots: list, n_new: list, T: int) -> Step:
+        """Room for n_new[b] more tokens in slot slots[b], and where a forward call of T-token rows
+        writes and reads them. The one place a slot's length grows: the tokens count as held from
+        here on, so callers (the model, or a stand-in that computes nothing) never count them."""
         P = self.page_size
         if max(self.length[s] + n for s, n in zip(slots, n_new)) > self.max_len:
             raise ValueError(f"KV cache overflow: a sequence would exceed max_len={self.max_len}")
-        for s, n in zip(slots, n_new):  # pages for the new tokens
+        start = torch.tensor([self.length[s] for s in slots])
+        for s, n in zip(slots, n_new):  # pages for the new tokens, which the slot holds from now on
             while len(self.pages[s]) * P < self.length[s] + n:
                 self.pages[s].append(self.new_page())
-        start, n_new = torch.tensor([self.length[s] for s in slots]), torch.tensor(n_new)
+            self.length[s] += n
+        n_new = torch.tensor(n_new)
         pos = start[:, None] + torch.arange(T)[None, :]  # (B, T)
         rows, ts = (torch.arange(T)[None, :] < n_new[:, None]).nonzero(as_tuple=True)
         S = int((start + n_new).max())
@@ -267,7 +272,7 @@ class Llama(nn.Module):
         if cache is None:
             pos = torch.arange(T, device=tokens.device)[None, :].expand(B, T)
         else:
-            step = cache.plan(list(slots), n_new, T)
+            step = cache.reserve(list(slots), n_new, T)
             pos = step.pos
         freqs = pos[..., None].float() * self.inv_freq  # (B, T, hd/2), float32
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd) broadcast over heads
@@ -278,9 +283,6 @@ class Llama(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, cache, i, step)
-        if cache is not None:  # advance positions once, after every layer has written
-            for s, n in zip(slots, n_new):
-                cache.length[s] += n
         if last_only:
             x = x[torch.arange(B, device=x.device), torch.tensor(n_new, device=x.device) - 1]
         elif select is not None:

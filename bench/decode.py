@@ -4,7 +4,7 @@
     python bench/decode.py --digits 16 --batch 128 --oracle-problems 2
 
 Every decoder runs the same Llama (random weights, the embedded default's shape unless --run is
-given) on the same, realistic call trees: decoder.TraceModel makes the model's choices those of
+given) on the same, realistic call trees: tracemodel.TraceModel makes the model's choices those of
 the true trace, while the real model still computes every forward pass. So the three columns
 differ only in how contexts are scheduled and cached:
   batched  all open contexts of all problems advance together, one KV-cache slot per context;
@@ -22,9 +22,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import tasks  # noqa: E402
 from checkpoint import Tokenizer  # noqa: E402
 from data import eval_problems  # noqa: E402
-from decoder import TraceModel, decode, decode_naive, eval_limits  # noqa: E402
+from decoder import decode, decode_naive, eval_limits  # noqa: E402
 from model import Llama, ModelArgs  # noqa: E402
 from runs import EMBEDDED_TOKENIZER, load_run  # noqa: E402
+from tracemodel import TraceModel  # noqa: E402
 
 
 def timed(fn, problems):

@@ -1,6 +1,6 @@
 """The recursive decoder against its oracles. Run: python -m pytest tests/test_decoder.py -q
 
-Three kinds of model drive it: decoder.TraceModel, a "perfect" model that emits the true trace (checks the
+Three kinds of model drive it: tracemodel.TraceModel, a "perfect" model that emits the true trace (checks the
 control flow: calls, resumes, DP's two calls, the final answer), a briefly trained tiny Llama
 (checks the fast decoder against the naive full-recompute oracle token for token) and random
 models (garbage must end in failures with reasons, never an exception or a hang).
@@ -14,9 +14,10 @@ import data
 import retuning
 import tasks
 from checkpoint import Tokenizer
-from decoder import Limits, TraceModel, decode, decode_naive, format_trace
+from decoder import Limits, decode, decode_naive, format_trace
 from model import KVCache, Llama, ModelArgs
 from runs import EMBEDDED_TOKENIZER, load_run
+from tracemodel import TraceModel
 
 TOK = Tokenizer(EMBEDDED_TOKENIZER)
 
@@ -24,7 +25,7 @@ TOK = Tokenizer(EMBEDDED_TOKENIZER)
 def flatten(ctx):
     """Every context of a call tree, depth first, as (prompt, fed ids, segments)."""
     out = [(ctx.prompt, ctx.ids, ctx.segments)]
-    for child in ctx.children:
+    for child in ctx.calls.values():
         out += flatten(child)
     return out
 
@@ -136,7 +137,7 @@ def test_baseline_and_scratchpad_decode_as_one_context_that_never_calls(trained)
         lim = Limits(max_new=16, max_context_len=64)
         fast = decode(trained, TOK, "addition", method, problems, lim)
         assert_same(fast, decode_naive(trained, TOK, "addition", method, problems, lim))
-        assert all(s.n_contexts == 1 and not s.root.children for s in fast)
+        assert all(s.n_contexts == 1 and not s.root.calls for s in fast)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

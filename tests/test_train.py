@@ -160,7 +160,7 @@ def test_eval_points_at_the_first_context_where_the_call_tree_goes_wrong():
     from decoder import Context
     true = {segs[0]: segs for segs in tasks.TASKS["addition"].trace("34 + 78", "retuning")}
     child = Context("4 + 8\nSolution: ", 2, segments=["4 + 8\nSolution: ", "Carry 1, Output 3"])
-    root = Context("34 + 78\nSolution: ", 1, children=[child],
+    root = Context("34 + 78\nSolution: ", 1, calls={1: child},
                    segments=["34 + 78\nSolution: ", "Call: 4 + 8\n", "Return: Carry 1, Output 3\nAnswer: ", "Carry 1, Output 13"])
     where, want, got = evaluation.first_error(root, true)
     assert (where, want, got) == ("4 + 8\nSolution: ", "Carry 1, Output 2", "Carry 1, Output 3")
