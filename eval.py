@@ -17,12 +17,10 @@ import torch
 from tqdm import tqdm
 
 import steps
-import tasks
-from decoder import decode
-from retuning import eval_limits, load_run
-
-
-PAPER_LENGTHS = {"addition": "2-60", "parity": "2-29", "dp": "2-24"}  # the ranges of the paper's Fig. 3
+from data import eval_problems
+from decoder import decode, eval_limits
+from runs import load_run
+from tasks import TASKS
 
 
 def parse_lengths(text: str) -> list:
@@ -38,27 +36,24 @@ def first_error(ctx, truth: dict):
     """(context text, expected, got) at the first place the model's call tree leaves the true one.
 
     `truth` maps each true context's prompt to its true segments. A wrong resume means a child
-    returned a wrong value, so the search descends into that child.
+    returned a wrong value, so the search descends into that child, the one the call before opened.
     """
     true = truth.get(ctx.prompt)
     if true is None:
         return ctx.prompt, "(a sub-problem of the true trace)", "this sub-problem"
-    children, child = iter(ctx.children), None
     for i, seg in enumerate(ctx.segments[1:], 1):
-        if i % 2 == 1 and seg.endswith("\n") and "Call: " in seg:
-            child = next(children, None)
         if i >= len(true) or seg != true[i]:
-            if i % 2 == 0 and child is not None:
-                return first_error(child, truth)
+            if i % 2 == 0 and i - 1 in ctx.calls:
+                return first_error(ctx.calls[i - 1], truth)
             return "".join(ctx.segments[:i]), true[i] if i < len(true) else "(nothing)", seg
     return "".join(ctx.segments), true[len(ctx.segments)] if len(ctx.segments) < len(true) else "", "(stopped)"
 
 
 def describe(task, method, s) -> str:
-    truth = {segs[0]: segs for segs in tasks.TASKS[task].trace(s.problem, method)}
+    truth = {segs[0]: segs for segs in TASKS[task].trace(s.problem, method)}
     where, want, got = first_error(s.root, truth)
     reason = f" [{s.error}]" if s.error else ""
-    return (f"  {s.problem} -> {s.answer!r}, true {tasks.TASKS[task].answer(s.problem)!r}{reason}\n"
+    return (f"  {s.problem} -> {s.answer!r}, true {TASKS[task].answer(s.problem)!r}{reason}\n"
             f"    in context {where[-120:]!r}\n    expected {want[:120]!r}\n    got      {got[:120]!r}")
 
 
@@ -69,12 +64,12 @@ def evaluate(run, lengths, per_length, seed, batch_size, device, n_failures=3, b
     t0 = time.time()
     bar = tqdm(total=len(lengths) * per_length, desc=os.path.basename(run.rstrip("/")), dynamic_ncols=True)
     for L in lengths:
-        problems = tasks.eval_problems(task, L, per_length, seed)
+        problems = eval_problems(task, L, per_length, seed)
         lim = eval_limits(task, method, tok, problems[:1])
         correct = 0
         for b in range(0, len(problems), batch_size):
             for s in decode(model, tok, task, method, problems[b:b + batch_size], lim):
-                ok = s.answer == tasks.TASKS[task].answer(s.problem)
+                ok = s.answer == TASKS[task].answer(s.problem)
                 correct += ok
                 n_tokens += s.n_generated
                 if not ok and len(failures) < n_failures:
@@ -88,7 +83,7 @@ def evaluate(run, lengths, per_length, seed, batch_size, device, n_failures=3, b
         print("first failures:\n" + "\n".join(failures))
     ood = [a for L, a in acc.items() if int(L) > cfg["train_length"]]
     ind = [a for L, a in acc.items() if int(L) <= cfg["train_length"]]
-    summary = os.path.join(run, "summary.json")  # what training cost (retuning.write_summary)
+    summary = os.path.join(run, "summary.json")  # what training cost (runs.write_summary)
     if by_step:  # where it breaks: each step teacher-forced (steps.py)
         by_step = steps.by_step(model, tok, task, method, lengths, per_length, seed, batch_size)
         print(steps.table(task, method, by_step))
@@ -161,7 +156,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="*", help="run folders (default: every run under runs/)")
     p.add_argument("--lengths", default=None, help="e.g. 1-32 or 2,4,8 (default: 1 to 2x the training length)")
-    p.add_argument("--paper-lengths", action="store_true", help="the paper's ranges: %s" % PAPER_LENGTHS)
+    p.add_argument("--paper-lengths", action="store_true", help="the paper's ranges: %s"
+                   % {name: task.paper_eval_lengths for name, task in TASKS.items()})
     p.add_argument("--per-length", type=int, default=20)
     p.add_argument("--by-step", action="store_true", help="also each step's teacher-forced accuracy (steps.py): where a method breaks")
     p.add_argument("--seed", type=int, default=1234)
@@ -177,11 +173,11 @@ def main(argv=None):
     for run in runs:
         with open(os.path.join(run, "config.json")) as f:
             cfg = json.load(f)
-        low = 2 if cfg["task"] == "dp" else 1
+        task = TASKS[cfg["task"]]
         if args.lengths or args.paper_lengths:
-            lengths = parse_lengths(args.lengths or PAPER_LENGTHS[cfg["task"]])
+            lengths = parse_lengths(args.lengths or task.paper_eval_lengths)
         else:
-            lengths = list(range(low, 2 * cfg["train_length"] + 1))
+            lengths = list(range(task.min_len, 2 * cfg["train_length"] + 1))
         results.append(evaluate(run, lengths, args.per_length, args.seed, args.batch_size, args.device, by_step=args.by_step))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:

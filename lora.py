@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from model import atomic_write, hf_key, state_mismatches, write_text
+from checkpoint import atomic_write, hf_key, state_mismatches, write_json
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -109,7 +109,7 @@ def save_adapter(model, path, base_name=""):
               "init_lora_weights": True, "use_rslora": False, "use_dora": False,
               "modules_to_save": None, **model.lora_config}
     atomic_write(os.path.join(path, "adapter_model.safetensors"), lambda f: save_file(state, f, metadata={"format": "pt"}))
-    atomic_write(os.path.join(path, "adapter_config.json"), lambda f: write_text(f, json.dumps(config, indent=2)))
+    write_json(os.path.join(path, "adapter_config.json"), config)
 
 
 def load_adapter(model, path):

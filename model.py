@@ -1,8 +1,8 @@
-"""A Llama in one file: the model, its key/value cache, Hugging Face checkpoint I/O, the tokenizer.
+"""A Llama in one file: the network and its key/value cache (checkpoint.py reads and writes it).
 
 The numbers are those of transformers' LlamaForCausalLM (tests/test_model.py checks logits to
 1e-5 in float32). Module names mirror the Hugging Face keys, minus their leading "model.", so
-loading is a strict, shape-checked copy rather than a translation table.
+loading (checkpoint.py) is a strict, shape-checked copy rather than a translation table.
 
 What differs from the usual single-sequence Llama, and why (Re-Tuning, Sec. 3):
 - the KV cache is an object owned by the caller and passed to forward(); it is a pool of
@@ -11,27 +11,19 @@ What differs from the usual single-sequence Llama, and why (Re-Tuning, Sec. 3):
 - one forward call advances a ragged batch: each row is a slot with its own position and its
   own number of new tokens (a prefill of a child prompt beside a one-token decode step).
 """
-import json
 import math
-import os
 from dataclasses import dataclass
 from typing import Optional
 
-import sentencepiece as spm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
-
-
-class CheckpointError(ValueError):
-    """A checkpoint or config that cannot be loaded; the message names what is wrong."""
 
 
 @dataclass
 class ModelArgs:
+    """The shape of a Llama; checkpoint.py maps it to and from a transformers config.json."""
     dim: int = 256
     n_layers: int = 4
     n_heads: int = 4
@@ -52,57 +44,10 @@ class ModelArgs:
         self.n_kv_heads = self.n_kv_heads or self.n_heads
         self.head_dim = self.head_dim or self.dim // self.n_heads
         if self.n_heads % self.n_kv_heads:
-            raise CheckpointError(f"num_attention_heads={self.n_heads} is not a multiple of num_key_value_heads={self.n_kv_heads}")
+            raise ValueError(f"num_attention_heads={self.n_heads} is not a multiple of num_key_value_heads={self.n_kv_heads}")
         kind = (self.rope_scaling or {}).get("rope_type", "default")
         if kind not in ("default", "linear", "llama3"):
-            raise CheckpointError(f"unsupported rope type {kind!r} (rope_scaling.rope_type); supported: default, linear, llama3")
-
-    @classmethod
-    def from_hf(cls, cfg: dict) -> "ModelArgs":
-        """Explicit mapping from a transformers config.json (v4 or v5 layout)."""
-        for key, bad in (("attention_bias", True), ("mlp_bias", True)):
-            if cfg.get(key, False) == bad:
-                raise CheckpointError(f"config.json: unsupported setting {key}={bad}")
-        if cfg.get("hidden_act", "silu") != "silu":
-            raise CheckpointError(f"config.json: unsupported setting hidden_act={cfg['hidden_act']!r}")
-        # v5 keeps theta and scaling together in rope_parameters; v4 has rope_theta + rope_scaling.
-        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
-        if "type" in rope:  # older v4 spelling of rope_type
-            rope["rope_type"] = rope.pop("type")
-        theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
-        if rope.get("partial_rotary_factor", 1.0) != 1.0:
-            raise CheckpointError("config.json: unsupported setting partial_rotary_factor")
-        eos = cfg.get("eos_token_id", 2)
-        try:
-            return cls(
-                dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
-                n_heads=cfg["num_attention_heads"], n_kv_heads=cfg.get("num_key_value_heads"),
-                head_dim=cfg.get("head_dim"), hidden_dim=cfg["intermediate_size"],
-                vocab_size=cfg["vocab_size"], norm_eps=cfg.get("rms_norm_eps", 1e-6),
-                rope_theta=float(theta), rope_scaling=rope if rope.get("rope_type", "default") != "default" else None,
-                max_seq_len=cfg.get("max_position_embeddings", 2048),
-                tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-                bos_id=cfg.get("bos_token_id", 1), eos_id=eos[0] if isinstance(eos, list) else eos,
-                dtype=str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32"))
-        except KeyError as e:
-            raise CheckpointError(f"config.json: missing key {e.args[0]!r}") from None
-
-    def to_hf(self) -> dict:
-        rope = {"rope_type": "default", **(self.rope_scaling or {}), "rope_theta": self.rope_theta}
-        return {
-            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-            "hidden_size": self.dim, "num_hidden_layers": self.n_layers,
-            "num_attention_heads": self.n_heads, "num_key_value_heads": self.n_kv_heads,
-            "head_dim": self.head_dim, "intermediate_size": self.hidden_dim,
-            "vocab_size": self.vocab_size, "rms_norm_eps": self.norm_eps, "hidden_act": "silu",
-            "max_position_embeddings": self.max_seq_len, "tie_word_embeddings": self.tie_word_embeddings,
-            "bos_token_id": self.bos_id, "eos_token_id": self.eos_id,
-            "attention_bias": False, "mlp_bias": False,
-            # Both spellings, so transformers v4 (rope_theta/rope_scaling/torch_dtype) and v5
-            # (rope_parameters/dtype) read the same model.
-            "rope_theta": self.rope_theta, "rope_scaling": rope if self.rope_scaling else None,
-            "rope_parameters": rope, "dtype": self.dtype, "torch_dtype": self.dtype,
-        }
+            raise ValueError(f"unsupported rope type {kind!r} (rope_scaling.rope_type); supported: default, linear, llama3")
 
 
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
@@ -162,11 +107,7 @@ class Attention(nn.Module):
         # RoPE at each token's absolute position
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:  # whole sequences: plain causal attention
-            # On the CPU, PyTorch's bf16 attention kernel is ~2.5x slower than its float32 one at
-            # training shapes (32 x 60 tokens, measured with torch 2.13), so it runs in float32.
-            up = q.device.type == "cpu" and q.dtype == torch.bfloat16
-            y = F.scaled_dot_product_attention(*(t.float() if up else t for t in (q, k, v)), is_causal=True, enable_gqa=True)
-            y = y.to(q.dtype)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:  # write the new keys/values into their slots, attend over each slot's prefix
             k, v = cache.update(layer, step, k, v)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask, enable_gqa=True)
@@ -253,14 +194,19 @@ class KVCache:
             self.free_pages = list(range(2 * n - 1, n - 1, -1))
         return self.free_pages.pop()
 
-    def plan(self, slots: list, n_new: list, T: int) -> Step:
+    def reserve(self, slots: list, n_new: list, T: int) -> Step:
+        """Room for n_new[b] more tokens in slot slots[b], and where a forward call of T-token rows
+        writes and reads them. The one place a slot's length grows: the tokens count as held from
+        here on, so callers (the model, or a stand-in that computes nothing) never count them."""
         P = self.page_size
         if max(self.length[s] + n for s, n in zip(slots, n_new)) > self.max_len:
             raise ValueError(f"KV cache overflow: a sequence would exceed max_len={self.max_len}")
-        for s, n in zip(slots, n_new):  # pages for the new tokens
+        start = torch.tensor([self.length[s] for s in slots])
+        for s, n in zip(slots, n_new):  # pages for the new tokens, which the slot holds from now on
             while len(self.pages[s]) * P < self.length[s] + n:
                 self.pages[s].append(self.new_page())
-        start, n_new = torch.tensor([self.length[s] for s in slots]), torch.tensor(n_new)
+            self.length[s] += n
+        n_new = torch.tensor(n_new)
         pos = start[:, None] + torch.arange(T)[None, :]  # (B, T)
         rows, ts = (torch.arange(T)[None, :] < n_new[:, None]).nonzero(as_tuple=True)
         S = int((start + n_new).max())
@@ -322,7 +268,7 @@ class Llama(nn.Module):
         if cache is None:
             pos = torch.arange(T, device=tokens.device)[None, :].expand(B, T)
         else:
-            step = cache.plan(list(slots), n_new, T)
+            step = cache.reserve(list(slots), n_new, T)
             pos = step.pos
         freqs = pos[..., None].float() * self.inv_freq  # (B, T, hd/2), float32
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd) broadcast over heads
@@ -333,160 +279,19 @@ class Llama(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, cache, i, step)
-        if cache is not None:  # advance positions once, after every layer has written
-            for s, n in zip(slots, n_new):
-                cache.length[s] += n
         if last_only:
             x = x[torch.arange(B, device=x.device), torch.tensor(n_new, device=x.device) - 1]
         elif select is not None:
             x = x[select]
         return self.lm_head(self.norm(x)).float()
 
-    # ---------------------------------------------------------------- Hugging Face checkpoints
+    # Hugging Face checkpoint folders, as transformers names these two (checkpoint.py does the work;
+    # it builds on this file, hence the imports at call time)
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None) -> "Llama":
-        """Load config.json + model.safetensors (or shards + index) strictly, one tensor at a time."""
-        cfg_file = os.path.join(path, "config.json")
-        if not os.path.exists(cfg_file):
-            raise CheckpointError(f"{path}: no config.json")
-        with open(cfg_file) as f:
-            args = ModelArgs.from_hf(json.load(f))
-        dtype = dtype or getattr(torch, args.dtype)
-        with torch.device("meta"):  # no memory until real tensors are assigned
-            model = cls(args)
-        state = read_safetensors(path, device or "cpu", dtype)
-        if args.tie_word_embeddings and "lm_head.weight" in state:  # some exporters store the tied copy too
-            head, emb = state.pop("lm_head.weight"), state.get("embed_tokens.weight")
-            if emb is None or not torch.equal(head, emb):
-                raise CheckpointError(f"{path}: tie_word_embeddings is set but lm_head.weight differs from the embeddings")
-        check_state(model, state, path)
-        if args.tie_word_embeddings:
-            state["lm_head.weight"] = state["embed_tokens.weight"]
-        model.load_state_dict(state, strict=True, assign=True)
-        if args.tie_word_embeddings:  # assign=True replaced both parameters: tie them again
-            model.lm_head.weight = model.embed_tokens.weight
-        model.inv_freq = rope_inv_freq(args).to(device or "cpu")
-        return model
+        from checkpoint import load_llama
+        return load_llama(path, dtype, device)
 
     def save_pretrained(self, path):
-        """Write config.json + model.safetensors in the layout transformers loads."""
-        os.makedirs(path, exist_ok=True)
-        state = {hf_key(k): v.detach().contiguous() for k, v in self.state_dict().items()
-                 if not (self.args.tie_word_embeddings and k == "lm_head.weight")}
-        if any("lora" in k for k in state):
-            raise ValueError("save_pretrained: model has LoRA layers; merge them or use lora.save_adapter")
-        cfg = {**self.args.to_hf(), "dtype": str(next(self.parameters()).dtype).removeprefix("torch.")}
-        cfg["torch_dtype"] = cfg["dtype"]
-        atomic_write(os.path.join(path, "model.safetensors"), lambda f: save_file(state, f, metadata={"format": "pt"}))
-        atomic_write(os.path.join(path, "config.json"), lambda f: write_text(f, json.dumps(cfg, indent=2)))
-
-
-def hf_key(name: str) -> str:
-    """Our parameter name -> the Hugging Face key: everything but the LM head lives under "model."."""
-    return name if name.startswith("lm_head") else "model." + name
-
-
-def read_safetensors(path, device, dtype) -> dict:
-    """All tensors of a single-file or sharded checkpoint, keyed by our names, each cast on load."""
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    elif os.path.exists(os.path.join(path, "model.safetensors")):
-        files = ["model.safetensors"]
-    else:
-        raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
-    state = {}
-    for name in files:
-        try:
-            with safe_open(os.path.join(path, name), framework="pt", device=str(device)) as f:
-                for key in f.keys():
-                    ours = key.removeprefix("model.")
-                    state[ours] = f.get_tensor(key).to(dtype=dtype)
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{os.path.join(path, name)}: unreadable safetensors file ({e})") from None
-    state.pop("rotary_emb.inv_freq", None)  # some exporters store the (recomputed) frequencies
-    return state
-
-
-def check_state(model: nn.Module, state: dict, path):
-    """One error listing every missing, unexpected or wrongly shaped tensor."""
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    if model.args.tie_word_embeddings:
-        expected.pop("lm_head.weight")
-    problems = state_mismatches(expected, state)
-    if problems:
-        raise CheckpointError(f"{path}: " + "; ".join(problems))
-
-
-def state_mismatches(expected: dict, state: dict) -> list:
-    """Missing, unexpected and wrongly shaped tensors of `state` against {name: shape}, by HF name."""
-    problems = [f"missing tensor {hf_key(k)}" for k in expected if k not in state]
-    problems += [f"unexpected tensor {hf_key(k)}" for k in state if k not in expected]
-    problems += [f"tensor {hf_key(k)} has shape {tuple(state[k].shape)}, expected {tuple(s)}"
-                 for k, s in expected.items() if k in state and state[k].shape != s]
-    return problems
-
-
-def atomic_write(path, write):
-    """Write via a temporary file then rename, so a crash never leaves a half-written file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def write_text(path, text):
-    with open(path, "w") as f:
-        f.write(text)
-
-
-class Tokenizer:
-    """The checkpoint's own tokenizer; encode() adds no BOS/EOS (the token contract adds them).
-
-    `tokenizer.model` is SentencePiece (Llama 1/2, Mistral); `tokenizer.json` is a Hugging Face
-    `tokenizers` file (Llama 3, SmolLM, most checkpoints since 2024), whose BOS/EOS ids the
-    checkpoint's config.json defines, so they are passed in.
-    """
-
-    def __init__(self, path, bos_id: Optional[int] = None, eos_id: Optional[int] = None):
-        path = str(path)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"tokenizer not found: {path}")
-        if path.endswith(".json"):
-            from tokenizers import Tokenizer as HFTokenizer  # only needed for tokenizer.json checkpoints
-            try:
-                self.hf = HFTokenizer.from_file(path)
-            except Exception as e:  # tokenizers raises its own Exception type for bad files
-                raise CheckpointError(f"{path}: unreadable tokenizer.json ({str(e).splitlines()[0]})") from None
-            if bos_id is None or eos_id is None:
-                raise CheckpointError(f"{path}: tokenizer.json needs the BOS and EOS ids of the checkpoint's config.json")
-            self.bos_id, self.eos_id, self.vocab_size = bos_id, eos_id, self.hf.get_vocab_size()
-            self.encode = lambda text: self.hf.encode(text, add_special_tokens=False).ids
-            self.decode = lambda ids: self.hf.decode(list(ids), skip_special_tokens=False)
-            return
-        try:
-            self.sp = spm.SentencePieceProcessor(model_file=path)
-        except (RuntimeError, OSError) as e:
-            raise CheckpointError(f"{path}: unreadable SentencePiece model ({str(e).splitlines()[0]})") from None
-        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
-        self.vocab_size = self.sp.get_piece_size()
-        self.encode = self.sp.encode
-        self.decode = lambda ids: self.sp.decode(list(ids))
-
-    @classmethod
-    def from_folder(cls, path) -> "Tokenizer":
-        """The tokenizer of a checkpoint folder: tokenizer.model, else tokenizer.json."""
-        file = tokenizer_file(path)
-        if file.endswith(".model"):
-            return cls(file)
-        with open(os.path.join(path, "config.json")) as f:
-            args = ModelArgs.from_hf(json.load(f))
-        return cls(file, args.bos_id, args.eos_id)
-
-
-def tokenizer_file(path) -> str:
-    """tokenizer.model (SentencePiece) or tokenizer.json (tokenizers) inside a checkpoint folder."""
-    for name in ("tokenizer.model", "tokenizer.json"):
-        if os.path.exists(os.path.join(path, name)):
-            return os.path.join(path, name)
-    raise CheckpointError(f"{path}: no tokenizer.model or tokenizer.json")
+        from checkpoint import save_llama
+        save_llama(self, path)

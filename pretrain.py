@@ -141,7 +141,8 @@ def check(model, tok, n: int = 150, seed: int = 5) -> dict:
 
 def probe(base: str, n: int = 150, seed: int = 5):
     """Print check() for a saved base: `python pretrain.py assets/base`."""
-    from model import Llama, Tokenizer
+    from checkpoint import Tokenizer
+    from model import Llama
     model, tok = Llama.from_pretrained(base), Tokenizer(f"{base}/tokenizer.model")
     for key, acc in check(model, tok, n, seed).items():
         print(f"{key:>13}: {100 * acc:.0f}%")

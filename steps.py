@@ -16,6 +16,7 @@ Returned values are never steps: they are read, not written (the loss mask of tr
 import torch
 
 import tasks
+from data import eval_problems
 
 
 def step_spans(tok, segments, method):
@@ -76,7 +77,7 @@ def by_step(model, tok, task, method, lengths, per_length, seed, batch_size=32):
     """{length: {step label: accuracy}} over fresh problems' top-level contexts."""
     out = {}
     for L in lengths:
-        problems = tasks.eval_problems(task, L, per_length, seed)
+        problems = eval_problems(task, L, per_length, seed)
         contexts = [top_context(task, p, method) for p in problems]
         hits = []
         for b in range(0, len(contexts), batch_size):

@@ -4,7 +4,7 @@
     python bench/decode.py --digits 16 --batch 128 --oracle-problems 2
 
 Every decoder runs the same Llama (random weights, the embedded default's shape unless --run is
-given) on the same, realistic call trees: decoder.TraceModel makes the model's choices those of
+given) on the same, realistic call trees: tracemodel.TraceModel makes the model's choices those of
 the true trace, while the real model still computes every forward pass. So the three columns
 differ only in how contexts are scheduled and cached:
   batched  all open contexts of all problems advance together, one KV-cache slot per context;
@@ -19,10 +19,13 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import retuning  # noqa: E402
 import tasks  # noqa: E402
-from decoder import TraceModel, decode, decode_naive  # noqa: E402
-from model import Llama, ModelArgs, Tokenizer  # noqa: E402
+from checkpoint import Tokenizer  # noqa: E402
+from data import eval_problems  # noqa: E402
+from decoder import decode, decode_naive, eval_limits  # noqa: E402
+from model import Llama, ModelArgs  # noqa: E402
+from runs import EMBEDDED_TOKENIZER, load_run  # noqa: E402
+from tracemodel import TraceModel  # noqa: E402
 
 
 def timed(fn, problems):
@@ -43,9 +46,9 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     if args.run:
-        model, tok, _ = retuning.load_run(args.run, args.device)
+        model, tok, _ = load_run(args.run, args.device)
     else:
-        tok = Tokenizer(retuning.EMBEDDED_TOKENIZER)
+        tok = Tokenizer(EMBEDDED_TOKENIZER)
         model = Llama(ModelArgs(dim=128, n_layers=4, n_heads=4, hidden_dim=341, vocab_size=tok.vocab_size,
                                 bos_id=tok.bos_id, eos_id=tok.eos_id)).to(args.device)
         model.init_weights(0)
@@ -54,9 +57,9 @@ def main():
     print("| digits | decoder | problems | problems/s | generated tokens/s | speed-up vs oracle |")
     print("|---|---|---|---|---|---|")
     for d in map(int, args.digits.split(",")):
-        problems = tasks.eval_problems("addition", d, args.batch, 0)
+        problems = eval_problems("addition", d, args.batch, 0)
         forced = TraceModel(tok, "addition", "retuning", problems, inner=model).eval()
-        lim = retuning.eval_limits("addition", "retuning", tok, problems[:1])
+        lim = eval_limits("addition", "retuning", tok, problems[:1])
         runs = {
             "batched": (problems, lambda ps: decode(forced, tok, "addition", "retuning", ps, lim)),
             "single": (problems[:args.single_problems],

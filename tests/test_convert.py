@@ -10,7 +10,6 @@ dequantization code) as the oracle:
   it with --no-deps); those tests skip, saying so, only where the wheel could not be installed.
 """
 import importlib.util
-import json
 import os
 
 import numpy as np
@@ -21,8 +20,8 @@ gguf = pytest.importorskip("gguf", reason="requirements-convert.txt is not insta
 transformers = pytest.importorskip("transformers")
 
 import convert  # noqa: E402
-from decoder import decode  # noqa: E402
-from model import CheckpointError, KVCache, Llama, Tokenizer  # noqa: E402
+from checkpoint import CheckpointError, Tokenizer  # noqa: E402
+from model import KVCache, Llama  # noqa: E402
 
 DIM, HEADS, KV_HEADS, HIDDEN, LAYERS = 64, 4, 2, 96, 2  # multiples of 32: quantization blocks
 MERGES = [("\u0120", "t"), ("h", "e"), ("\u0120t", "h")]  # "Ġt", "he", "Ġth" (Ġ is GPT-2's space)

@@ -1,6 +1,6 @@
 """The recursive decoder against its oracles. Run: python -m pytest tests/test_decoder.py -q
 
-Three kinds of model drive it: decoder.TraceModel, a "perfect" model that emits the true trace (checks the
+Three kinds of model drive it: tracemodel.TraceModel, a "perfect" model that emits the true trace (checks the
 control flow: calls, resumes, DP's two calls, the final answer), a briefly trained tiny Llama
 (checks the fast decoder against the naive full-recompute oracle token for token) and random
 models (garbage must end in failures with reasons, never an exception or a hang).
@@ -10,18 +10,22 @@ import random
 import pytest
 import torch
 
+import data
 import retuning
 import tasks
-from decoder import Limits, TraceModel, decode, decode_naive, format_trace
-from model import KVCache, Llama, ModelArgs, Tokenizer
+from checkpoint import Tokenizer
+from decoder import Limits, decode, decode_naive, format_trace
+from model import KVCache, Llama, ModelArgs
+from runs import EMBEDDED_TOKENIZER, load_run
+from tracemodel import TraceModel
 
-TOK = Tokenizer(retuning.EMBEDDED_TOKENIZER)
+TOK = Tokenizer(EMBEDDED_TOKENIZER)
 
 
 def flatten(ctx):
     """Every context of a call tree, depth first, as (prompt, fed ids, segments)."""
     out = [(ctx.prompt, ctx.ids, ctx.segments)]
-    for child in ctx.children:
+    for child in ctx.calls.values():
         out += flatten(child)
     return out
 
@@ -29,8 +33,8 @@ def flatten(ctx):
 @pytest.mark.parametrize("task", list(tasks.TASKS))
 @pytest.mark.parametrize("method", tasks.METHODS)
 def test_a_perfect_model_solves_every_task_and_its_call_tree_is_the_true_trace(task, method):
-    low = 2 if task == "dp" else 1
-    problems = [tasks.eval_problems(task, L, 2, 5)[i] for L in range(low, low + 5) for i in range(2)]
+    low = tasks.TASKS[task].min_len
+    problems = [data.eval_problems(task, L, 2, 5)[i] for L in range(low, low + 5) for i in range(2)]
     model = TraceModel(TOK, task, method, problems)
     solves = decode(model, TOK, task, method, problems, Limits(max_context_len=4096, max_new=4096))
     for s in solves:
@@ -51,7 +55,7 @@ def trained(tmp_path_factory):
     retuning.main(["train", "--task", "addition", "--max-len", "3", "--steps", "150", "--dim", "64",
                    "--n-layers", "2", "--n-examples", "4000", "--eval-every", "0", "--lr", "1e-2",
                    "--out", str(out), "--save-every", "1000"])
-    model, tok, _ = retuning.load_run(str(out))
+    model, tok, _ = load_run(str(out))
     return model
 
 
@@ -115,7 +119,7 @@ def test_a_model_emitting_random_tokens_yields_failures_with_reasons(task, metho
         for word in ("Call: 1 + 2\n", "Answer: ", "[1, 0]", "Return"):
             model.lm_head.weight[TOK.encode(word)] += torch.randn(len(TOK.encode(word)), args.dim) * 0.5
         model.lm_head.weight[TOK.eos_id] += 0.3 * model.embed_tokens.weight.mean(0)
-    problems = tasks.eval_problems(task, 3, 6, 0)
+    problems = data.eval_problems(task, 3, 6, 0)
     lim = Limits(max_new=12, max_context_len=64, max_depth=4, max_contexts=6)
     solves = decode(model, TOK, task, method, problems, lim)
     assert_same(solves, decode_naive(model, TOK, task, method, problems, lim))
@@ -133,7 +137,7 @@ def test_baseline_and_scratchpad_decode_as_one_context_that_never_calls(trained)
         lim = Limits(max_new=16, max_context_len=64)
         fast = decode(trained, TOK, "addition", method, problems, lim)
         assert_same(fast, decode_naive(trained, TOK, "addition", method, problems, lim))
-        assert all(s.n_contexts == 1 and not s.root.children for s in fast)
+        assert all(s.n_contexts == 1 and not s.root.calls for s in fast)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -1,4 +1,4 @@
-"""Tests for model.py: logits against transformers, the KV cache, checkpoint I/O, the tokenizer.
+"""Tests for model.py and checkpoint.py: logits against transformers, the KV cache, checkpoint I/O, the tokenizer.
 
 Run: cd /work/main && python -m pytest tests/test_model.py -q
 
@@ -17,7 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from model import CheckpointError, KVCache, Llama, ModelArgs, Tokenizer
+from checkpoint import CheckpointError, Tokenizer
+from model import KVCache, Llama, ModelArgs
 
 # ----------------------------------------------------------------------------- tiny models
 TINY = dict(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

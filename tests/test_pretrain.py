@@ -6,8 +6,8 @@ import re
 import torch
 
 import pretrain
-import retuning
-from model import Tokenizer
+from checkpoint import Tokenizer
+from runs import EMBEDDED_BASE, EMBEDDED_TOKENIZER, resolve
 from tasks import prompt_ids
 
 
@@ -63,7 +63,7 @@ class Oracle(torch.nn.Module):
 
 
 def test_the_copy_check_scores_a_perfect_copier_1_and_a_mute_model_0():
-    tok = Tokenizer(retuning.EMBEDDED_TOKENIZER)
+    tok = Tokenizer(EMBEDDED_TOKENIZER)
     rng = random.Random("probe/5")  # the items check() will draw
     items = [pretrain.edit_item(rng) for _ in range(40)]
     scores = pretrain.check(Oracle(tok, items), tok, n=40)
@@ -81,7 +81,7 @@ def test_word_items_carry_no_digits_and_cover_every_word():
 def test_the_committed_base_loads_and_copies_what_it_was_pretrained_on():
     """assets/base, the default --base of `train`: fresh copy / drop / put / first items, exact match."""
     from model import Llama
-    base = retuning.resolve(retuning.EMBEDDED_BASE)
+    base = resolve(EMBEDDED_BASE)
     model = Llama.from_pretrained(base)
     scores = pretrain.check(model, Tokenizer(f"{base}/tokenizer.model"), n=60, seed=11)
     assert len(scores) >= 5 and sum(scores.values()) / len(scores) >= 0.9, scores

@@ -8,13 +8,14 @@ must score 100% on every step, and a model made wrong at exactly one step must l
 import pytest
 import torch
 
-import retuning
 import steps
 import tasks
-from decoder import TraceModel
-from model import Tokenizer
+from checkpoint import Tokenizer
+from data import eval_problems
+from runs import EMBEDDED_TOKENIZER
+from tracemodel import TraceModel
 
-TOK = Tokenizer(retuning.EMBEDDED_TOKENIZER)
+TOK = Tokenizer(EMBEDDED_TOKENIZER)
 LENGTHS = {"addition": 4, "parity": 3, "dp": 3}
 
 
@@ -38,7 +39,7 @@ class WrongAt(torch.nn.Module):
 @pytest.mark.parametrize("method", tasks.METHODS)
 def test_a_perfect_model_gets_every_step_right(task, method):
     L = LENGTHS[task]
-    problems = tasks.eval_problems(task, L, 4, 99)
+    problems = eval_problems(task, L, 4, 99)
     acc = steps.by_step(TraceModel(TOK, task, method, problems), TOK, task, method, [L], 4, 99)
     assert set(acc[str(L)].values()) == {1.0}
     expected = {"baseline": ["answer"], "retuning": ["call", "call 2", "answer"] if task == "dp" else ["call", "answer"]}
@@ -47,7 +48,7 @@ def test_a_perfect_model_gets_every_step_right(task, method):
 
 
 def test_a_model_wrong_at_one_step_loses_only_that_step():
-    problems = tasks.eval_problems("addition", 4, 3, 7)
+    problems = eval_problems("addition", 4, 3, 7)
     contexts = [steps.top_context("addition", p, "retuning") for p in problems]
     spans = [steps.step_spans(TOK, c, "retuning")[1] for c in contexts]
     answer_starts = [(b, dict((lab, lo) for lab, lo, _ in s)["answer"]) for b, s in enumerate(spans)]

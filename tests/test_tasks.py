@@ -1,4 +1,4 @@
-"""Tests of tasks.py: SPEC's golden strings, properties over random problems, determinism, tokens.
+"""Tests of tasks.py and data.py: SPEC's golden strings, properties over random problems, determinism, tokens.
 
 Run: python -m pytest tests/test_tasks.py -q   (CPU only, a few seconds)
 """
@@ -12,8 +12,9 @@ import random
 
 import pytest
 
+import data
 import tasks
-from model import Tokenizer
+from checkpoint import Tokenizer
 from tasks import METHODS, TASKS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -201,27 +202,27 @@ def digest(obj):
 
 
 def test_the_same_seed_gives_byte_identical_data_on_any_machine():
-    data = [tasks.training_contexts(t, m, tasks.PAPER_LENGTHS[t], 0, 20) for t, m in itertools.product(TASKS, METHODS)]
-    data += [tasks.eval_problems(t, 7, 5, 0) for t in TASKS]
-    assert digest(data) == "dcf91e97e14e078374464b13f20594a396a5558b7de1c9e622fe08c74522ab2e"
+    drawn = [data.training_contexts(t, m, TASKS[t].paper_train_len, 0, 20) for t, m in itertools.product(TASKS, METHODS)]
+    drawn += [data.eval_problems(t, 7, 5, 0) for t in TASKS]
+    assert digest(drawn) == "dcf91e97e14e078374464b13f20594a396a5558b7de1c9e622fe08c74522ab2e"
 
 
 def test_training_data_is_deterministic_and_seed_dependent():
-    once = tasks.training_contexts("parity", "retuning", 6, 3, 50)
-    assert once == tasks.training_contexts("parity", "retuning", 6, 3, 50)
-    assert once != tasks.training_contexts("parity", "retuning", 6, 4, 50)
+    once = data.training_contexts("parity", "retuning", 6, 3, 50)
+    assert once == data.training_contexts("parity", "retuning", 6, 3, 50)
+    assert once != data.training_contexts("parity", "retuning", 6, 4, 50)
 
 
 def test_eval_problems_come_from_a_stream_separate_from_training():
-    train = {ctx[0] for ctx in tasks.training_contexts("parity", "retuning", 21, 0, 2000)}
-    evals = tasks.eval_problems("parity", 21, 200, 0)
+    train = {ctx[0] for ctx in data.training_contexts("parity", "retuning", 21, 0, 2000)}
+    evals = data.eval_problems("parity", 21, 200, 0)
     assert all(PAR.length(p) == 21 for p in evals) and len(set(evals)) > 190
     assert not {PAR.prompt(p, "retuning") for p in evals} & train
-    assert evals != tasks.eval_problems("parity", 21, 200, 1)
+    assert evals != data.eval_problems("parity", 21, 200, 1)
 
 
 def test_addition_training_over_weights_long_problems_and_swaps_operands():
-    problems = [ctx[0] for ctx in tasks.training_contexts("addition", "baseline", 6, 0, 3000)]
+    problems = [ctx[0] for ctx in data.training_contexts("addition", "baseline", 6, 0, 3000)]
     lengths = collections.Counter(ADD.length(p.split("\n")[0]) for p in problems)
     assert lengths[6] > lengths[5] > lengths[3] > lengths[1]
     raw = [p.split("\n")[0].split(" + ") for p in problems]
@@ -229,29 +230,29 @@ def test_addition_training_over_weights_long_problems_and_swaps_operands():
 
 
 def test_addition_retuning_contexts_are_deduplicated_and_balanced_over_sizes_with_short_ones_upsampled():
-    contexts = tasks.training_contexts("addition", "retuning", 6, 0, 3000)
+    contexts = data.training_contexts("addition", "retuning", 6, 0, 3000)
     counts = collections.Counter(map(tuple, contexts))
-    sizes = collections.Counter(tasks.context_size("addition", c[0]) for c in contexts)
-    assert max(k for c, k in counts.items() if tasks.context_size("addition", c[0]) > 2) == 1
-    assert sizes[1] == sizes[2] == tasks.UPSAMPLE * sizes[6] and sizes[3] == sizes[6]
-    assert len({c for c in counts if tasks.context_size("addition", c[0]) == 1}) == 100  # every 1-digit fact
+    sizes = collections.Counter(data.context_size("addition", c[0]) for c in contexts)
+    assert max(k for c, k in counts.items() if data.context_size("addition", c[0]) > 2) == 1
+    assert sizes[1] == sizes[2] == data.UPSAMPLE * sizes[6] and sizes[3] == sizes[6]
+    assert len({c for c in counts if data.context_size("addition", c[0]) == 1}) == 100  # every 1-digit fact
 
 
 def test_parity_retuning_trains_on_sub_lists_with_short_contexts_upsampled():
-    contexts = tasks.training_contexts("parity", "retuning", 21, 0, 2100)
+    contexts = data.training_contexts("parity", "retuning", 21, 0, 2100)
     sizes = collections.Counter(ctx[0].count(",") + 1 for ctx in contexts)
     assert max(sizes) == 21 and min(sizes) == 1
-    assert sizes[1] / sizes[10] == pytest.approx(tasks.UPSAMPLE, rel=0.05)
-    assert {len(ctx) for ctx in tasks.training_contexts("parity", "baseline", 21, 0, 50)} == {2}
+    assert sizes[1] / sizes[10] == pytest.approx(data.UPSAMPLE, rel=0.05)
+    assert {len(ctx) for ctx in data.training_contexts("parity", "baseline", 21, 0, 50)} == {2}
 
 
 def test_small_dp_training_uses_every_array_exactly_once_per_epoch():
-    problems = [ctx[0] for ctx in tasks.training_contexts("dp", "scratchpad", 3, 0, 11 ** 2 + 11 ** 3)]
+    problems = [ctx[0] for ctx in data.training_contexts("dp", "scratchpad", 3, 0, 11 ** 2 + 11 ** 3)]
     assert len(set(problems)) == 11 ** 2 + 11 ** 3
 
 
 def test_large_dp_training_samples_arrays_of_length_2_to_max_len():
-    contexts = tasks.training_contexts("dp", "scratchpad", 8, 0, 300)
+    contexts = data.training_contexts("dp", "scratchpad", 8, 0, 300)
     problems = [ctx[0][len("Question: Let's solve input = "):-1] for ctx in contexts]
     assert {DP.length(p) for p in problems} <= set(range(2, 9)) and max(map(DP.length, problems)) == 8
 
@@ -275,8 +276,8 @@ def test_context_ids_are_bos_then_separately_encoded_segments_with_loss_on_compl
 
 
 def test_building_the_tokenizer_twice_gives_the_committed_file(tmp_path):
-    tasks.build_tokenizer(tmp_path / "a.model")
-    tasks.build_tokenizer(tmp_path / "b.model")
+    data.build_tokenizer(tmp_path / "a.model")
+    data.build_tokenizer(tmp_path / "b.model")
     with open(EMBEDDED, "rb") as f:
         assert (tmp_path / "a.model").read_bytes() == (tmp_path / "b.model").read_bytes() == f.read()
 
@@ -297,8 +298,8 @@ def test_digits_are_single_tokens_and_numbers_are_encoded_digit_by_digit(tok):
 
 
 def test_show_makes_newlines_visible_and_counts_tokens(tok):
-    text = tasks.show("dp", "retuning", 2, tok)
-    contexts = tasks.training_contexts("dp", "retuning", 5, 0, 2)
+    text = data.show("dp", "retuning", 2, tok)
+    contexts = data.training_contexts("dp", "retuning", 5, 0, 2)
     assert "⏎" in text and text.count("== dp / retuning #") == 2
     assert f"#0: {len(tasks.context_ids(tok, contexts[0])[0])} tokens" in text
 
@@ -308,7 +309,7 @@ def test_token_table_shows_retuning_sequences_shorter_than_scratchpads(tok):
     spec = importlib.util.find_spec("mistral_common")
     if spec:  # the Llama-recipe tokenizer shipped inside mistral_common
         toks["llama-recipe"] = Tokenizer(os.path.join(spec.submodule_search_locations[0], "data", "tokenizer.model.v1"))
-    table = tasks.token_table(toks, n=200)
+    table = data.token_table(toks, n=200)
     rows = {tuple(r.split(" | ")[:2]): r.split(" | ")[2:] for r in table.splitlines()[2:]}
     assert len(rows) == 9 and all(len(cells) == 2 * len(toks) for cells in rows.values())
     for task in ("addition", "dp"):  # SPEC Results: far fewer tokens per example than the scratchpad

