@@ -8,11 +8,13 @@ rest: the optimizer, an exact resume (same data order, same RNG state), the loop
 metrics.jsonl, and at the end the checkpoint, the exported model and summary.json (runs.py).
 The command line (retuning.py) builds the configs.
 """
+import contextlib
 import json
 import math
 import os
 import random
 import shutil
+import signal
 import time
 from dataclasses import asdict, dataclass
 from typing import Optional
@@ -176,15 +178,17 @@ def fit(cfg: TrainConfig, model, data, probe, record: dict) -> int:
 
 
 def train_loop(cfg: TrainConfig, model, opt, data, probe, step, elapsed):
-    """Steps until the budget is spent, the probe every cfg.eval_every; Ctrl-C stops it cleanly.
-    Returns (step, seconds)."""
+    """Steps until the budget is spent, the probe every cfg.eval_every. Ctrl-C (or SIGTERM) stops
+    it after the step in flight, so what is saved is the state as of a completed step. Returns
+    (step, seconds)."""
     log = open(os.path.join(cfg.run, "metrics.jsonl"), "a")
     stream = batches(data, cfg.batch_size, cfg.seed)
     for _ in range(step):  # same data order as an uninterrupted run
         next(stream)
-    t0, bar = time.time() - elapsed, tqdm(total=cfg.steps, initial=step, desc="train", dynamic_ncols=True)  # total None: minutes
-    try:
-        while budget_left(cfg, step, time.time() - t0):
+    t0, last_check = time.time() - elapsed, {}
+    bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", dynamic_ncols=True)  # total None: minutes
+    with stop_requests() as stop:
+        while budget_left(cfg, step, time.time() - t0) and not stop:
             lr = get_lr(step, cfg, time.time() - t0)
             for g in opt.param_groups:
                 g["lr"] = lr
@@ -194,18 +198,40 @@ def train_loop(cfg: TrainConfig, model, opt, data, probe, step, elapsed):
             rec = {"step": step, "loss": round(loss, 5), "lr": lr,
                    "tok_s": round(n_tokens / (time.time() - t1)), "time": round(time.time() - t0, 2)}
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
-                rec.update(probe(model, step))
+                last_check = probe(model, step)
+                rec.update(last_check)
+                tqdm.write(f"step {step}: " + ", ".join(f"{k} {v}" for k, v in last_check.items()))
             log.write(json.dumps(rec) + "\n")
             log.flush()
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=rec["tok_s"], **({"acc": rec["check_acc"]} if "check_acc" in rec else {}), refresh=False)
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=rec["tok_s"], **last_check, refresh=False)  # the last check stays shown
             bar.update(1)
             if step % cfg.save_every == 0:
                 save_checkpoint(cfg.run, model, opt, step, time.time() - t0)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted at step {step}; saving so that --resume continues from here")
+        if stop:
+            tqdm.write(f"stopped at step {step}; saving so that --resume continues from here")
     bar.close()
     log.close()
     return step, time.time() - t0
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """Turn Ctrl-C and SIGTERM into a request to stop after the current step. Stopping inside a
+    step would save an RNG state past the dropout noise that step drew, and a resumed run would
+    diverge from an uninterrupted one. A second signal stops at once (from the last checkpoint)."""
+    stop = []  # truthy once a signal arrived; the loop checks it between steps
+
+    def handler(signum, frame):
+        if stop:
+            raise KeyboardInterrupt
+        stop.append(signum)
+        tqdm.write(f"\n{signal.Signals(signum).name}: stopping after this step (again to stop at once)")
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def budget_left(cfg: TrainConfig, step, seconds) -> bool:

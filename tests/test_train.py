@@ -3,6 +3,7 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 
 import pytest
 import torch
@@ -51,23 +52,28 @@ def lora_base(tmp_path):
     return str(tmp_path / "base")
 
 
-def test_resume_after_an_interruption_reproduces_the_uninterrupted_losses_bitwise(tmp_path, lora_base, monkeypatch):
-    common = ["train", "--task", "addition", "--base", lora_base, "--lora-r", "4", "--lora-dropout", "0.1",
-              "--steps", "12", "--save-every", "4", "--lr", "5e-3", *TINY]
+def test_ctrl_c_in_the_middle_of_a_step_then_resume_gives_the_uninterrupted_adapter_bitwise(tmp_path, lora_base, monkeypatch):
+    common = ["train", *TINY, "--task", "addition", "--base", lora_base, "--lora-r", "4", "--lora-dropout", "0.1",
+              "--steps", "12", "--save-every", "4", "--lr", "5e-3"]  # --base after TINY's "scratch": LoRA it is
     retuning.main(common + ["--out", str(tmp_path / "whole")])
     real_step, calls = train.train_step, []
 
-    def interrupted(*a, **k):  # Ctrl-C during step 7: the run saves at step 6 and stops
+    def interrupted(model, *a, **k):  # a real SIGINT during step 7's forward, after dropout drew noise
         calls.append(1)
         if len(calls) == 7:
-            raise KeyboardInterrupt
-        return real_step(*a, **k)
+            def once(*_):
+                hook.remove()
+                os.kill(os.getpid(), signal.SIGINT)
+            hook = model.layers[0].mlp.register_forward_hook(once)
+        return real_step(model, *a, **k)
     monkeypatch.setattr(train, "train_step", interrupted)
     retuning.main(common + ["--out", str(tmp_path / "split")])
-    assert len(losses(tmp_path / "split")) == 6
+    assert len(losses(tmp_path / "split")) == 7  # step 7 completed, then the run stopped and saved
     monkeypatch.setattr(train, "train_step", real_step)
     retuning.main(common + ["--out", str(tmp_path / "split"), "--resume"])
     assert losses(tmp_path / "split") == losses(tmp_path / "whole")
+    adapter = "adapter/adapter_model.safetensors"
+    assert (tmp_path / "split" / adapter).read_bytes() == (tmp_path / "whole" / adapter).read_bytes()
 
 
 def test_a_half_written_checkpoint_never_replaces_a_good_one(tmp_path, monkeypatch):
