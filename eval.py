@@ -1,16 +1,20 @@
 """Exact-match accuracy per problem length, in distribution and beyond (paper Sec. 5, Fig. 3).
 
     python eval.py                                  # every run under runs/
-    python eval.py runs/addition-retuning --lengths 1-20 --per-length 50
+    python eval.py runs/addition-retuning --lengths 1-20 --per-length 50 --by-step
 
-Writes results/results.json, results/results.md and one plot per task (accuracy against length,
-one line per method, the longest training length marked), and prints the first failures with the
-context where each went wrong.
+Writes, into a new folder per evaluation (runs/eval/<date-time>/ unless --out names one),
+results.json, results.md and one plot per task (accuracy against length, one line per method,
+the longest training length marked), and prints the first failures with the context where each
+went wrong. Results are written after each run, and a run that cannot be evaluated is reported
+and skipped, so one bad folder never loses the others.
 """
 import argparse
 import glob
 import json
 import os
+import re
+import sys
 import time
 
 import torch
@@ -23,13 +27,25 @@ from runs import load_run
 from tasks import TASKS
 
 
+MAX_LENGTH = 1000  # longer problems are refused: their contexts would not fit any model here
+
+
 def parse_lengths(text: str) -> list:
-    """"1-8,12,16" -> [1, ..., 8, 12, 16]."""
+    """"1-8,12,16" -> [1, ..., 8, 12, 16]; anything else is an argparse error naming the text."""
     out = []
     for part in text.split(","):
-        lo, _, hi = part.partition("-")
-        out += list(range(int(lo), int(hi or lo) + 1))
+        m = re.fullmatch(r"\s*([0-9]+)\s*(?:-\s*([0-9]+)\s*)?", part)
+        lo, hi = (int(m[1]), int(m[2] or m[1])) if m else (0, 0)
+        if not m or not 1 <= lo <= hi <= MAX_LENGTH:
+            raise argparse.ArgumentTypeError(f"lengths must look like 1-8,12 with 1 <= a <= b <= {MAX_LENGTH}, got {text!r}")
+        out += list(range(lo, hi + 1))
     return out
+
+
+def positive(text) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
 
 
 def first_error(ctx, truth: dict):
@@ -140,11 +156,13 @@ def plot(results, out):
     import matplotlib.pyplot as plt
     for task in sorted({r["task"] for r in results}):
         fig, ax = plt.subplots(figsize=(6, 3.6))
-        for r in [r for r in results if r["task"] == task]:
-            xs = sorted(int(L) for L in r["accuracy"])
-            ax.plot(xs, [100 * r["accuracy"][str(L)] for L in xs], marker="o", ms=3, label=r["method"])
+        for r, marker in zip([r for r in results if r["task"] == task], "osD^v<>"):
+            xs = sorted(int(L) for L in r["accuracy"])  # distinct markers: curves at 0% stay visible
+            ax.plot(xs, [100 * r["accuracy"][str(L)] for L in xs], marker=marker, ms=5, mfc="none", label=r["method"])
             ax.axvline(r["train_length"] + 0.5, color="gray", ls="--", lw=1)
-        ax.set(title=f"{task} (dashed: longest training length)", xlabel="problem length",
+        if TASKS[task].chance is not None:
+            ax.axhline(100 * TASKS[task].chance, color="gray", ls=":", lw=1, label="chance")
+        ax.set(title=f"{task} (dashed: longest training length)", xlabel=f"problem length ({TASKS[task].unit})",
                ylabel="accuracy (%)", ylim=(-3, 103))
         ax.legend()
         fig.tight_layout()
@@ -152,43 +170,67 @@ def plot(results, out):
         plt.close(fig)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", nargs="*", help="run folders (default: every run under runs/)")
-    p.add_argument("--lengths", default=None, help="e.g. 1-32 or 2,4,8 (default: 1 to 2x the training length)")
-    p.add_argument("--paper-lengths", action="store_true", help="the paper's ranges: %s"
-                   % {name: task.paper_eval_lengths for name, task in TASKS.items()})
-    p.add_argument("--per-length", type=int, default=20)
-    p.add_argument("--by-step", action="store_true", help="also each step's teacher-forced accuracy (steps.py): where a method breaks")
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default=os.path.join("runs", "eval"), help="where results go (reproduce.sh: results/)")
-    args = p.parse_args(argv)
-    runs = args.runs or sorted(os.path.dirname(c) for c in glob.glob("runs/*/config.json")
-                               if json.load(open(c)).get("command") == "train")  # not a pretraining run
-    if not runs:
-        raise SystemExit("no runs found under runs/: train one first (python retuning.py train --task addition)")
-    results = []
-    for run in runs:
-        with open(os.path.join(run, "config.json")) as f:
-            cfg = json.load(f)
-        task = TASKS[cfg["task"]]
-        if args.lengths or args.paper_lengths:
-            lengths = parse_lengths(args.lengths or task.paper_eval_lengths)
-        else:
-            lengths = list(range(task.min_len, 2 * cfg["train_length"] + 1))
-        results.append(evaluate(run, lengths, args.per_length, args.seed, args.batch_size, args.device, by_step=args.by_step))
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
+def write(results, out):
+    """results.json, results.md and the plots, as they stand."""
+    with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({"runs": results}, f, indent=1)
     md = table(results) + "\n\n" + comparison(results)
     md += "".join("\n\n" + steps.table(r["task"], r["method"], r["by_step"]) for r in results if r["by_step"])
-    with open(os.path.join(args.out, "results.md"), "w") as f:
+    with open(os.path.join(out, "results.md"), "w") as f:
         f.write(md + "\n")
-    plot(results, args.out)
-    print(md)
-    print(f"wrote {args.out}/results.json, results.md and one plot per task")
+    plot(results, out)
+    return md
+
+
+def lengths_of(run, args) -> list:
+    with open(os.path.join(run, "config.json")) as f:
+        cfg = json.load(f)
+    task = TASKS[cfg["task"]]
+    if args.lengths or args.paper_lengths:
+        return args.lengths or parse_lengths(task.paper_eval_lengths)
+    return list(range(task.min_len, 2 * cfg["train_length"] + 1))
+
+
+def parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="*", help="run folders (default: every run under runs/)")
+    p.add_argument("--lengths", type=parse_lengths, default=None, help="e.g. 1-32 or 2,4,8 (default: the task's shortest to 2x the training length)")
+    p.add_argument("--paper-lengths", action="store_true", help="the paper's ranges: %s"
+                   % {name: task.paper_eval_lengths for name, task in TASKS.items()})
+    p.add_argument("--per-length", type=positive, default=20, help="fresh problems per length (default 20)")
+    p.add_argument("--by-step", action="store_true", help="also each step's teacher-forced accuracy (steps.py): where a method breaks")
+    p.add_argument("--seed", type=int, default=1234, help="which problems (a separate stream from training's)")
+    p.add_argument("--batch-size", type=positive, default=64, help="problems decoded together (default 64)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=None, help="the folder to write (default: a new runs/eval/<date-time>/; reproduce.sh: results/)")
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    runs = args.runs or sorted(os.path.dirname(c) for c in glob.glob("runs/*/config.json")
+                               if json.load(open(c)).get("command") == "train")  # not a pretraining run
+    if not runs:
+        sys.exit("error: no runs found under runs/: train one first (python retuning.py train --task addition)")
+    out = args.out or os.path.join("runs", "eval", time.strftime("%Y-%m-%d_%H%M%S"))
+    if os.path.isfile(out):
+        sys.exit(f"error: --out {out} is a file")
+    os.makedirs(out, exist_ok=True)
+    results, failed = [], []
+    for run in runs:
+        try:
+            results.append(evaluate(run, lengths_of(run, args), args.per_length, args.seed, args.batch_size,
+                                    args.device, by_step=args.by_step))
+        except (ValueError, OSError, KeyError) as e:  # a bad run folder: say so, go on with the others
+            failed.append(run)
+            print(f"error: {run}: {e}", file=sys.stderr)
+            continue
+        md = write(results, out)
+    if results:
+        print(md)
+        print(f"wrote {out}/results.json, results.md and " + ", ".join(f"{t}.png" for t in sorted({r['task'] for r in results})))
+    if failed:
+        sys.exit(f"error: could not evaluate {', '.join(failed)}")
 
 
 if __name__ == "__main__":

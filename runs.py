@@ -35,6 +35,44 @@ def resolve(path):
 
 
 # ----------------------------------------------------------------------------- while training
+OUTPUTS = ("checkpoint.pt", "config.json", "metrics.jsonl", "summary.json", "adapter", "model")  # what a run writes
+# what may differ when a run is resumed; any other difference in config.json refuses the resume
+MAY_CHANGE_ON_RESUME = {"resume", "steps", "minutes", "device", "eval_every", "save_every", "overwrite"}
+
+
+def claim(run, base, resume=False, overwrite=False):
+    """Make `run` this run's folder, or refuse with one line before anything is written: never a
+    base or the committed assets, never a folder that is not a run, never a run unless resumed
+    or overwritten (then its outputs are removed first, so no stale adapter/ or model/ is left)."""
+    here, target = os.path.realpath(os.path.join(HERE, "assets")), os.path.realpath(run)
+    if target == here or target.startswith(here + os.sep) or (base != "scratch" and target == os.path.realpath(resolve(base))):
+        raise ValueError(f"--out {run} would write into a base model or the committed assets; choose another folder")
+    if os.path.isfile(run):
+        raise ValueError(f"--out {run} is a file, not a folder")
+    entries = set(os.listdir(run)) if os.path.isdir(run) else set()
+    if entries and "config.json" not in entries:
+        raise ValueError(f"--out {run} exists and is not a run folder ({', '.join(sorted(entries)[:3])}...); choose another folder")
+    if entries and not (resume or overwrite):
+        raise ValueError(f"{run} already holds a run: pass --resume to continue it or --overwrite to start over")
+    if resume and "checkpoint.pt" not in entries:
+        raise ValueError(f"{run}: nothing to resume (no checkpoint.pt)")
+    if overwrite and not resume:
+        for name in OUTPUTS:
+            path = os.path.join(run, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.path.exists(path) and os.remove(path)
+
+
+def check_resume(run, record: dict):
+    """Refuse to resume a run with a different config, naming the keys, before writing anything."""
+    with open(os.path.join(run, "config.json")) as f:
+        stored = json.load(f)
+    record = json.loads(json.dumps(record))  # tuples as lists, as stored
+    keys = sorted(k for k in set(stored) | set(record) if k not in MAY_CHANGE_ON_RESUME and stored.get(k) != record.get(k))
+    if keys:
+        raise ValueError(f"{run}: cannot resume with a different " + ", ".join(
+            f"{k} ({stored.get(k)!r} stored, {record.get(k)!r} given)" for k in keys))
+
+
 def save_checkpoint(run, model, opt, step, elapsed):
     """Everything needed to continue bit for bit, written atomically (temporary file, rename).
     (With --minutes the LR follows the wall clock, so a resumed run is close, not bitwise.)"""
@@ -49,14 +87,15 @@ def trainable(model, key):
 
 def resume(run, model, opt):
     """Load checkpoint.pt into the model and optimizer; returns (step, seconds trained)."""
-    ckpt = torch.load(os.path.join(run, "checkpoint.pt"), weights_only=False)
+    # weights_only: tensors and plain containers only, so a crafted checkpoint cannot run code
+    ckpt = torch.load(os.path.join(run, "checkpoint.pt"), weights_only=True)
     model.load_state_dict(ckpt["model"], strict=False)
     opt.load_state_dict(ckpt["optim"])
     torch.set_rng_state(ckpt["rng"])
     # drop log lines written after this checkpoint, so the log reads as one uninterrupted run
     path = os.path.join(run, "metrics.jsonl")
     if os.path.exists(path):
-        lines = [l for l in open(path) if json.loads(l)["step"] <= ckpt["step"]]
+        lines = [l for l in open(path) if l.endswith("\n") and json.loads(l)["step"] <= ckpt["step"]]  # a torn last line goes too
         atomic_write(path, lambda f: write_text(f, "".join(lines)))
     return ckpt["step"], ckpt.get("elapsed", 0.0)
 
@@ -84,10 +123,31 @@ def write_summary(run, data, step, batch_size, seconds, device):
 
 
 # ----------------------------------------------------------------------------- using a run
+def read_run_config(run) -> dict:
+    """config.json of a fine-tuning run, refused with one line if `run` is anything else."""
+    path = os.path.join(run, "config.json")
+    if not os.path.isdir(run):
+        raise FileNotFoundError(f"{run}: no such run folder")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{run}: no config.json, so not a run folder written by `train`")
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if "architectures" in cfg or "model_type" in cfg:
+        raise ValueError(f"{run} is a base model, not a run: fine-tune it with `python retuning.py train --base {run}`")
+    if cfg.get("command") == "pretrain":
+        raise ValueError(f"{run} is a pretraining run: its base is in {cfg.get('export', 'its model/ folder')}")
+    missing = [k for k in ("task", "method", "base", "train_length") if k not in cfg]
+    if missing:
+        raise ValueError(f"{path}: missing {', '.join(missing)}")
+    return cfg
+
+
 def load_run(run, device="cpu"):
     """(model, tokenizer, config) of a run folder written by `train`."""
-    with open(os.path.join(run, "config.json")) as f:
-        cfg = json.load(f)
+    cfg = read_run_config(run)
     if os.path.isdir(os.path.join(run, "adapter")):  # in bf16 if it was trained so (--bf16)
         dtype = torch.bfloat16 if cfg.get("bf16") or device.startswith("cuda") else None
         model = Llama.from_pretrained(resolve(cfg["base"]), dtype=dtype, device=device)

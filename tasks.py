@@ -76,6 +76,7 @@ class Task:
     # longest training problem (evaluation goes to twice it). paper_train_len: the paper's
     # (SPEC "Data"). paper_eval_lengths: the paper's evaluation range (Fig. 3), as eval.py takes it.
     min_len, train_len, paper_train_len, paper_eval_lengths = 1, 0, 0, ""
+    unit, chance = "digits", None  # what a length counts; the accuracy of guessing, where one exists
 
     def prompt(self, problem, method):  # SPEC deviation 2: baseline prompts end in "\nAnswer: "
         question = self.question(problem)
@@ -179,6 +180,7 @@ class Addition(Task):
 class Parity(ListTask):
     name, values, example = "parity", range(2), "[1, 0, 1]"
     train_len, paper_train_len, paper_eval_lengths = 6, 21, "2-29"
+    unit, chance = "elements", 0.5  # a coin flip is right half the time
     patterns = {"baseline": r"([01])", "retuning": r"([01])",
                 "scratchpad": r"Compute one element at a time\.(?: [01])* ([01])"}
 
@@ -231,6 +233,7 @@ def dp_solve(a):
 class DP(ListTask):
     name, values, example, dedup = "dp", range(-5, 6), "[3, -2, 4]", True
     min_len, train_len, paper_train_len, paper_eval_lengths = 2, 4, 5, "2-24"
+    unit = "elements"
     patterns = {"baseline": DP_LIST, "retuning": DP_LIST,
                 "scratchpad": r"Scratchpad: .*\n\nReconstructing all together, output=" + DP_LIST + r"\."}
 

@@ -29,7 +29,7 @@ from data import eval_problems, training_contexts
 from decoder import decode, eval_limits
 from lora import TARGETS, apply_lora
 from model import Llama, ModelArgs
-from runs import EMBEDDED_BASE, EMBEDDED_TOKENIZER, export, resolve, resume, save_checkpoint, write_summary
+from runs import EMBEDDED_TOKENIZER, check_resume, export, resolve, resume, save_checkpoint, write_summary
 from tasks import TASKS, context_ids
 
 
@@ -84,7 +84,7 @@ class FinetuneConfig(TrainConfig):
 
 @dataclass
 class PretrainConfig(TrainConfig):
-    export: str = EMBEDDED_BASE  # where the base is written, an HF folder
+    export: Optional[str] = None  # also write the base here (an HF folder); assets/base only when named
 
 
 # ----------------------------------------------------------------------------- the two kinds of run
@@ -115,9 +115,21 @@ def pretrain_base(cfg: PretrainConfig) -> str:
         tqdm.write(f"step {step}: {scores}")
         return {"probe": scores}
     fit(cfg, model, data, probe, {"command": "pretrain", **asdict(cfg), "model": vars(model.args)})
-    shutil.copytree(os.path.join(cfg.run, "model"), cfg.export, dirs_exist_ok=True)
-    print(f"saved the pretrained base to {cfg.export}")
+    if cfg.export:
+        replace_folder(os.path.join(cfg.run, "model"), cfg.export)
+    print(f"saved the pretrained base to {cfg.export or os.path.join(cfg.run, 'model')}")
     return cfg.run
+
+
+def replace_folder(src, dst):
+    """Copy src to dst atomically: a complete copy beside dst, then two renames, so dst is never
+    half old, half new (a kill in between leaves dst.old, the previous base, intact)."""
+    tmp, old = f"{dst}.tmp{os.getpid()}", f"{dst}.old"
+    shutil.copytree(src, tmp)
+    if os.path.exists(dst):
+        os.replace(dst, old)
+    os.replace(tmp, dst)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def build_model(cfg: TrainConfig, frozen=False):
@@ -162,6 +174,8 @@ def quick_check(model, tok, cfg: FinetuneConfig, n=32):
 def fit(cfg: TrainConfig, model, data, probe, record: dict) -> int:
     """Train `model` on `data` in cfg.run: its config.json (`record`), the optimizer, a resume, the
     loop, then the checkpoint, the exported model and summary.json. Returns the last step."""
+    if cfg.resume:
+        check_resume(cfg.run, record)
     os.makedirs(cfg.run, exist_ok=True)
     write_json(os.path.join(cfg.run, "config.json"), record)
     params = [p for p in model.parameters() if p.requires_grad]

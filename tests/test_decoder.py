@@ -52,7 +52,7 @@ def trained(tmp_path_factory):
     """A tiny Llama trained for ~150 steps on 1-3 digit Re-Tuning addition: it calls and answers,
     often wrongly, which is what an oracle comparison needs."""
     out = tmp_path_factory.mktemp("run") / "addition"
-    retuning.main(["train", "--task", "addition", "--max-len", "3", "--steps", "150", "--dim", "64",
+    retuning.main(["train", "--task", "addition", "--max-len", "3", "--steps", "150", "--base", "scratch", "--dim", "64",
                    "--n-layers", "2", "--n-examples", "4000", "--eval-every", "0", "--lr", "1e-2",
                    "--out", str(out), "--save-every", "1000"])
     model, tok, _ = load_run(str(out))

@@ -90,21 +90,70 @@ def test_a_half_written_checkpoint_never_replaces_a_good_one(tmp_path, monkeypat
     with pytest.raises(OSError):
         save_checkpoint(str(run), model, torch.optim.AdamW(model.parameters()), 99, 1.0)
     assert (run / "checkpoint.pt").read_bytes() == good
-    assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == 3
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 3
+
+
+def error_of(argv, capsys) -> str:
+    """The one-line error of a refused command (exit code 2, no traceback)."""
+    capsys.readouterr()  # what earlier commands printed
+    with pytest.raises(SystemExit) as e:
+        retuning.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err
 
 
 def test_an_existing_run_is_not_overwritten_without_resume_or_overwrite(tmp_path, capsys):
     run = str(tmp_path / "r")
     retuning.main(["train", "--task", "parity", "--steps", "1", "--out", run, *TINY])
-    with pytest.raises(SystemExit, match="--resume"):
-        retuning.main(["train", "--task", "parity", "--steps", "1", "--out", run, *TINY])
+    assert "--resume" in error_of(["train", "--task", "parity", "--steps", "1", "--out", run, *TINY], capsys)
 
 
-def test_a_malformed_problem_is_a_one_line_error(tmp_path):
+def test_overwrite_removes_the_previous_runs_outputs_first(tmp_path):
+    run = tmp_path / "r"
+    retuning.main(["train", "--task", "parity", "--steps", "2", "--out", str(run), *TINY])
+    (run / "adapter").mkdir()  # as if a LoRA run had been here before
+    retuning.main(["train", "--task", "parity", "--steps", "1", "--out", str(run), "--overwrite", *TINY])
+    assert not (run / "adapter").exists() and len(losses(run)) == 1
+
+
+def test_bad_run_folders_and_flags_are_one_line_errors_and_change_nothing(tmp_path, capsys, lora_base):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    before = sorted(os.listdir(lora_base))
+    cases = {
+        "not a run folder": ["train", *TINY, "--steps", "1", "--out", str(tmp_path / "notes"), "--overwrite"],
+        "base model": ["train", *TINY, "--base", lora_base, "--steps", "1", "--out", lora_base, "--overwrite"],
+        "nothing to resume": ["train", *TINY, "--steps", "1", "--out", str(tmp_path / "new"), "--resume"],
+        "smaller than one batch": ["train", *TINY, "--n-examples", "3", "--out", str(tmp_path / "x")],
+        "is a base model, not a run": ["solve", "--run", lora_base, "1 + 2"],
+        "no such run folder": ["solve", "--run", str(tmp_path / "missing"), "1 + 2"],
+    }
+    for want, argv in cases.items():
+        assert want in error_of(argv, capsys), want
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "mine" and sorted(os.listdir(lora_base)) == before
+    assert not (tmp_path / "new").exists() and not (tmp_path / "x").exists()
+    for flag, value in [("--steps", "0"), ("--save-every", "0"), ("--max-len", "-2"), ("--lora-r", "0"),
+                        ("--lora-targets", "qproj"), ("--lr", "abc")]:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            retuning.main(["train", *TINY, flag, value, "--out", str(tmp_path / "y")])
+        assert e.value.code == 2 and value in capsys.readouterr().err
+
+
+def test_resume_refuses_a_different_config_before_writing_anything(tmp_path, capsys):
+    run = tmp_path / "r"
+    retuning.main(["train", "--task", "parity", "--steps", "2", "--out", str(run), *TINY])
+    config = (run / "config.json").read_bytes()
+    assert "task ('parity' stored, 'addition' given)" in error_of(
+        ["train", "--task", "addition", "--steps", "4", "--out", str(run), "--resume", *TINY], capsys)
+    assert (run / "config.json").read_bytes() == config
+
+
+def test_a_malformed_problem_is_a_one_line_error(tmp_path, capsys):
     run = str(tmp_path / "r")
     retuning.main(["train", "--task", "addition", "--steps", "1", "--out", run, *TINY])
-    with pytest.raises(SystemExit, match="error: .*addition"):
-        retuning.main(["solve", "--run", run, "12 plus 3"])
+    assert "addition" in error_of(["solve", "--run", run, "12 plus 3"], capsys)
 
 
 def test_solve_prints_the_call_tree_and_the_answer(tmp_path, capsys):
@@ -142,6 +191,32 @@ def test_eval_writes_results_json_a_table_and_one_plot_per_task(tmp_path, capsys
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())  # what training cost
     assert summary["steps"] == 2 and summary["examples_seen"] == 16 and summary["peak_rss_mib"] > 50
     assert results[0]["training"] == summary and results[0]["out_of_distribution"] is None  # 1-3 <= 6
+
+
+def test_eval_goes_on_past_a_bad_run_and_refuses_bad_lengths_in_one_line(tmp_path, capsys):
+    import eval as evaluation
+    run = str(tmp_path / "r")
+    retuning.main(["train", "--task", "parity", "--steps", "1", "--out", run, *TINY])
+    with pytest.raises(SystemExit) as e:
+        evaluation.main([str(tmp_path / "missing"), run, "--lengths", "1-2", "--per-length", "1", "--out", str(tmp_path / "res")])
+    assert "could not evaluate" in str(e.value) and "missing" in capsys.readouterr().err
+    assert json.loads((tmp_path / "res" / "results.json").read_text())["runs"][0]["run"] == run  # the good run is kept
+    for bad in ["abc", "-3", "1-2-3", "5-1", "1--3", "0", "", "4400"]:
+        with pytest.raises(SystemExit) as e:
+            evaluation.main([run, "--lengths", bad])
+        assert e.value.code == 2 and "lengths must look like" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluation.main([run, "--per-length", "0"])
+
+
+def test_eval_writes_a_new_folder_per_evaluation_by_default(tmp_path, monkeypatch):
+    import eval as evaluation
+    monkeypatch.chdir(tmp_path)
+    retuning.main(["train", "--task", "parity", "--steps", "1", "--out", "runs/p", *TINY])
+    for second in ("2026-01-01_000000", "2026-01-01_000001"):
+        monkeypatch.setattr(evaluation.time, "strftime", lambda fmt: second)
+        evaluation.main(["--lengths", "1", "--per-length", "1"])
+    assert sorted(os.listdir(tmp_path / "runs" / "eval")) == ["2026-01-01_000000", "2026-01-01_000001"]
 
 
 def test_the_comparison_gives_re_tunings_margin_beyond_the_training_lengths():
