@@ -1,10 +1,11 @@
 """Re-Tuning (Pasewark et al., ACL 2024): fine-tune a Llama to solve problems recursively.
 
-    python retuning.py train --task addition                  # the main job (CPU, ~10 min)
+    python retuning.py train --task addition                  # the main job: 1,500 steps on the embedded base
     python retuning.py data --task dp --method retuning --show 2
     python retuning.py solve --run runs/addition-retuning "1234 + 5678"
     python retuning.py pretrain                               # the experimental base (pretrain.py)
     python retuning.py convert                                # SmolLM2-135M, for --base smollm2
+    python retuning.py train --task addition --base smollm2 --max-len 5 --bf16 ...   # see the README
 
 The command line: each command resolves its flags once and hands them to the module that does
 the work (train.py trains, data.py prints data, decoder.py solves, convert.py converts). Training

@@ -314,3 +314,13 @@ def test_token_table_shows_retuning_sequences_shorter_than_scratchpads(tok):
     assert len(rows) == 9 and all(len(cells) == 2 * len(toks) for cells in rows.values())
     for task in ("addition", "dp"):  # SPEC Results: far fewer tokens per example than the scratchpad
         assert float(rows[("| " + task, "retuning")][1]) < float(rows[("| " + task, "scratchpad")][1])
+
+
+def test_the_spec_in_the_repository_is_the_shared_one():
+    """docs/SPEC.md travels with a clone; it must stay identical to the project's shared SPEC."""
+    here = os.path.join(HERE, "..", "docs", "SPEC.md")
+    shared = os.path.join(HERE, "..", "..", "shared", "SPEC.md")
+    if not os.path.exists(shared):
+        pytest.skip("no ../shared/SPEC.md beside this checkout to compare with")
+    with open(here, "rb") as a, open(shared, "rb") as b:
+        assert a.read() == b.read()
