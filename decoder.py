@@ -221,15 +221,20 @@ def hand_slots(cache, before: list, s: Solve):
 
 
 def format_trace(s: Solve, indent="  ") -> str:
-    """The call tree as indented contexts with what each generated, then the answer."""
-    lines = []
-
-    def walk(ctx, level):
-        lines.append(f"{indent * level}[{ctx.depth}] {ctx.prompt!r}")
-        for i, seg in enumerate(ctx.segments[1:], 1):
-            lines.append(f"{indent * level}    {seg!r}")
-            if i in ctx.calls:
-                walk(ctx.calls[i], level + 1)
-    walk(s.root, 0)
+    """The call tree as indented contexts with what each generated, then the answer. Iterative,
+    so a recursion thousands of levels deep prints like a shallow one."""
+    lines, todo = [], [(s.root, 0)]
+    while todo:
+        item, level = todo.pop()
+        if isinstance(item, str):  # a segment
+            lines.append(f"{indent * level}    {item!r}")
+            continue
+        lines.append(f"{indent * level}[{item.depth}] {item.prompt!r}")
+        after = []
+        for i, seg in enumerate(item.segments[1:], 1):
+            after.append((seg, level))
+            if i in item.calls:  # the child this call opened, printed right below it
+                after.append((item.calls[i], level + 1))
+        todo += reversed(after)
     lines.append(f"answer: {s.answer}" if s.error is None else f"failed: {s.error}")
     return "\n".join(lines)

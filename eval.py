@@ -27,7 +27,7 @@ from runs import load_run
 from tasks import TASKS
 
 
-MAX_LENGTH = 1000  # longer problems are refused: their contexts would not fit any model here
+MAX_LENGTH = max(task.max_len for task in TASKS.values())  # longer problems are refused (tasks.Task.max_len)
 
 
 def parse_lengths(text: str) -> list:

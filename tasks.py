@@ -77,6 +77,12 @@ class Task:
     # (SPEC "Data"). paper_eval_lengths: the paper's evaluation range (Fig. 3), as eval.py takes it.
     min_len, train_len, paper_train_len, paper_eval_lengths = 1, 0, 0, ""
     unit, chance = "digits", None  # what a length counts; the accuracy of guessing, where one exists
+    max_len = 1000  # longer problems are refused: their traces grow with the square of the length
+
+    def bounded(self, problem):
+        if self.length(problem) > self.max_len:
+            raise ValueError(f"{self.name} problems are limited to {self.max_len} {self.unit}, got {self.length(problem)}")
+        return problem
 
     def prompt(self, problem, method):  # SPEC deviation 2: baseline prompts end in "\nAnswer: "
         question = self.question(problem)
@@ -116,7 +122,7 @@ class ListTask(Task):
         items = [int(v) for v in m[1].split(",")] if m else []
         if not items or any(v not in self.values for v in items):
             raise ValueError(f"{self.name} problem must look like '{self.example}', got {text!r}")
-        return str(items)
+        return self.bounded(str(items))
 
     def length(self, problem):
         return len(json.loads(problem))
@@ -139,7 +145,7 @@ class Addition(Task):
         m = re.fullmatch(r"\s*([0-9]+)\s*\+\s*([0-9]+)\s*", text)
         if not m:
             raise ValueError(f"addition problem must look like '1234 + 5678', got {text!r}")
-        return f"{m[1]} + {m[2]}"
+        return self.bounded(f"{m[1]} + {m[2]}")
 
     def padded(self, problem):  # SPEC: operands left-padded with zeros to equal length L, in every format
         a, b = problem.split(" + ")

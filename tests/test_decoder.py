@@ -157,3 +157,23 @@ def test_a_token_outside_the_tokenizer_fails_the_problem_instead_of_crashing():
         model.embed_tokens.weight[:] = model.embed_tokens.weight.mean(0)
     s = decode(model, TOK, "parity", "retuning", ["[1, 0]"], Limits(max_new=8, max_context_len=64))[0]
     assert s.error == f"token id {TOK.vocab_size + 7} is outside the tokenizer"
+
+
+def test_a_trace_thousands_of_levels_deep_formats_without_recursion():
+    from decoder import Context, Solve
+    s = Solve("[1]", "parity", "retuning", TOK, Limits())
+    ctx = s.root
+    for depth in range(2, 3002):  # a chain of 3000 calls, deeper than Python's recursion limit
+        child = Context(f"level {depth}", depth=depth, segments=[f"level {depth}"])
+        ctx.segments.append("Call: x\n")
+        ctx.calls[len(ctx.segments) - 1] = child
+        ctx = child
+    lines = format_trace(s).splitlines()
+    assert len(lines) == 2 * 3000 + 2 and lines[-2].startswith("  " * 3000 + "[3001]")
+
+
+def test_problems_longer_than_the_documented_maximum_are_refused():
+    for task, too_long in [("addition", "1" * 1001 + " + 1"), ("parity", str([1] * 1001))]:
+        with pytest.raises(ValueError, match="limited to 1000"):
+            tasks.TASKS[task].validate(too_long)
+    assert tasks.TASKS["addition"].validate("9" * 1000 + " + 1")
