@@ -43,9 +43,9 @@ def resolve_config(cls, args, name, **resolved):
     """A config from the flags of the same names, once: the run folder (runs/<name> by default),
     the budget, the number of examples and the device filled in where they were not given."""
     run = args.out or os.path.join("runs", name)
-    claim(run, args.base, args.resume, args.overwrite)
     if args.n_examples is not None and args.n_examples < args.batch_size:
         raise ValueError(f"--n-examples {args.n_examples} is smaller than one batch (--batch-size {args.batch_size})")
+    claim(run, args.base, args.resume, args.overwrite)  # last: --overwrite removes the old run's outputs
     resolved.update(
         run=run, device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
         steps=args.default_steps if args.steps is None and args.minutes is None else args.steps)

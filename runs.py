@@ -37,7 +37,7 @@ def resolve(path):
 # ----------------------------------------------------------------------------- while training
 OUTPUTS = ("checkpoint.pt", "config.json", "metrics.jsonl", "summary.json", "adapter", "model")  # what a run writes
 # what may differ when a run is resumed; any other difference in config.json refuses the resume
-MAY_CHANGE_ON_RESUME = {"resume", "steps", "minutes", "device", "eval_every", "save_every", "overwrite"}
+MAY_CHANGE_ON_RESUME = {"run", "resume", "steps", "minutes", "device", "eval_every", "save_every", "overwrite"}
 
 
 def claim(run, base, resume=False, overwrite=False):
