@@ -1,11 +1,17 @@
-"""One LoRA training step, ours vs transformers + peft: tokens/s and peak memory, side by side.
+"""One LoRA training step, ours vs transformers + peft, on the batches `train` really draws.
 
-    python bench/train.py --shape 7b --device cuda      # LLaMA-7B shape, bf16, LoRA r=64 on q,k,v,o
-    python bench/train.py --shape small                  # a CPU-sized check of the same code path
+    python bench/train.py --shape embedded --data addition-retuning     # the default fine-tune
+    python bench/train.py --shape smollm2 --data addition-retuning --bf16
+    python bench/train.py --shape 7b --device cuda                      # LLaMA-7B, dense 4 x 256
 
-Both models get the same random weights (ours saved in the HF layout, loaded by transformers),
-the same adapter config and the same micro-batch (default 4 x 256 tokens). Weights are random:
-the speed and memory of a step do not depend on their values.
+With --data TASK-METHOD each step is a batch of real training contexts (data.training_contexts
+at the task's training length, the embedded tokenizer, `train`'s length bucketing): ragged,
+loss on the completions only. Ours runs train.train_step (logits only where there is loss);
+transformers + peft get the same contexts as a transformers user would write them: right-padded
+input_ids, an attention_mask and -100 labels. Without --data both get a dense random batch.
+Both models have the same random weights (ours saved in the HF layout, loaded by transformers)
+and the same adapter config; speed does not depend on the weights' values. Reported: seconds per
+step, useful (loss-carrying) tokens/s, and last `speed-up: N.NNx` of ours over transformers + peft.
 """
 import argparse
 import os
@@ -17,69 +23,118 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from lora import apply_lora  # noqa: E402
+import train  # noqa: E402
+from checkpoint import Tokenizer  # noqa: E402
+from data import training_contexts  # noqa: E402
+from lora import TARGETS, apply_lora  # noqa: E402
 from model import Llama, ModelArgs  # noqa: E402
+from runs import EMBEDDED_TOKENIZER  # noqa: E402
+from tasks import TASKS, context_ids  # noqa: E402
 
-SHAPES = {  # LLaMA-7B (Touvron et al. 2023, Table 2) and a small one for CPUs
+SHAPES = {  # LLaMA-7B (Touvron et al. 2023, Table 2), SmolLM2-135M, the embedded base, a small one
     "7b": dict(dim=4096, n_layers=32, n_heads=32, hidden_dim=11008, vocab_size=32000),
+    "smollm2": dict(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, hidden_dim=1536, vocab_size=49152,
+                    rope_theta=100000.0, tie_word_embeddings=True),
+    "embedded": dict(dim=128, n_layers=4, n_heads=4, hidden_dim=341, vocab_size=768),
     "small": dict(dim=512, n_layers=4, n_heads=8, hidden_dim=1376, vocab_size=32000),
 }
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
-def step_stats(model, forward, x, device, steps):
-    """Mean seconds per step (after one warm-up) and peak memory of forward + backward + AdamW."""
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+def real_batches(spec, batch, steps):
+    """`steps` batches of (ids, loss mask) as `train` draws them for TASK-METHOD."""
+    task, method = spec.split("-")
+    tok = Tokenizer(EMBEDDED_TOKENIZER)
+    contexts = training_contexts(task, method, TASKS[task].train_len, 0, 16 * batch * (steps + 1))
+    data = [context_ids(tok, segs) for segs in contexts]
+    stream = train.batches(data, batch, 0)
+    return [[data[i] for i in next(stream)] for _ in range(steps + 1)], tok.eos_id
+
+
+def dense_batches(vocab, batch, seq, steps):
+    g = torch.Generator().manual_seed(0)
+    return [[(torch.randint(0, vocab, (seq,), generator=g).tolist(), [0] + [1] * (seq - 1)) for _ in range(batch)]
+            for _ in range(steps + 1)], 2
+
+
+def timed(step, batches, device):
+    """Mean seconds per step after one warm-up step, and loss-carrying tokens per step."""
     times = []
-    for i in range(steps + 1):
-        if device == "cuda":
+    for items in batches:
+        if device.startswith("cuda"):
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        with torch.autocast(device, torch.bfloat16, enabled=device == "cuda"):
-            logits = forward(x)
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten())
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device == "cuda":
+        step(items)
+        if device.startswith("cuda"):
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    peak = f"{torch.cuda.max_memory_allocated() / 2**30:.1f}" if device == "cuda" else "n/a on CPU"
-    return sum(times[1:]) / steps, peak
+    useful = sum(sum(mask) - mask[0] for items in batches[1:] for _, mask in items) / (len(batches) - 1)
+    return sum(times[1:]) / (len(times) - 1), useful
+
+
+def ours_step(model, cfg):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    return lambda items: train.train_step(model, opt, items, cfg)
+
+
+def hf_step(hf, pad_id, device, bf16):
+    """What a transformers + peft user writes: padded ids, attention mask, -100 labels, .loss."""
+    opt = torch.optim.AdamW([p for p in hf.parameters() if p.requires_grad], lr=1e-4)
+
+    def step(items):
+        T = max(len(ids) for ids, _ in items)
+        x = torch.full((len(items), T), pad_id)
+        labels = torch.full((len(items), T), -100)
+        attn = torch.zeros((len(items), T), dtype=torch.long)
+        for i, (ids, mask) in enumerate(items):
+            x[i, :len(ids)], attn[i, :len(ids)] = torch.tensor(ids), 1
+            labels[i, :len(ids)] = torch.where(torch.tensor(mask, dtype=torch.bool), torch.tensor(ids), -100)
+        with torch.autocast(device.split(":")[0], torch.bfloat16, enabled=bf16):
+            loss = hf(input_ids=x.to(device), attention_mask=attn.to(device), labels=labels.to(device)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in hf.parameters() if p.requires_grad], 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", choices=list(SHAPES), default="small")
+    p.add_argument("--shape", choices=list(SHAPES), default="embedded")
+    p.add_argument("--data", default=None, help="TASK-METHOD, e.g. addition-retuning (default: dense random tokens)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--bf16", action="store_true", help="bf16 frozen weights and autocast (always on CUDA)")
+    p.add_argument("--batch", type=int, default=32, help="contexts per step (--data) or sequences (dense)")
+    p.add_argument("--seq", type=int, default=256, help="dense batches only")
+    p.add_argument("--steps", type=int, default=5)
     p.add_argument("--r", type=int, default=64)
+    p.add_argument("--targets", default=",".join(TARGETS))
     args = p.parse_args()
-    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    bf16 = args.bf16 or args.device.startswith("cuda")
+    dtype, targets = torch.bfloat16 if bf16 else torch.float32, tuple(args.targets.split(","))
+    shape = ModelArgs(**SHAPES[args.shape])
+    batches, pad = (real_batches(args.data, args.batch, args.steps) if args.data
+                    else dense_batches(shape.vocab_size, args.batch, args.seq, args.steps))
     torch.manual_seed(0)
     with torch.device(args.device):
-        ours = Llama(ModelArgs(**SHAPES[args.shape])).to(dtype)
-    x = torch.randint(0, ours.args.vocab_size, (args.batch, args.seq), device=args.device)
-    print(f"shape {args.shape}, {sum(p.numel() for p in ours.parameters()) / 1e9:.2f}B parameters, "
-          f"{dtype}, LoRA r={args.r} on {','.join(TARGETS)}, micro-batch {args.batch}x{args.seq}, {args.device}")
-    print("| implementation | s/step | tokens/s | peak GiB |\n|---|---|---|---|")
+        ours = Llama(shape).to(dtype)
+    print(f"shape {args.shape}, {sum(p.numel() for p in ours.parameters()) / 1e6:.1f}M parameters, {dtype}, "
+          f"LoRA r={args.r} on {args.targets}, {args.data or 'dense random'} batches of {args.batch}, {args.device}, "
+          f"{torch.get_num_threads()} threads")
+    print("| implementation | s/step | useful tokens/s |\n|---|---|---|")
+    cfg = train.TrainConfig(run="", device=args.device, bf16=bf16, batch_size=args.batch, micro_batch_size=args.batch)
     with tempfile.TemporaryDirectory() as d:
         ours.save_pretrained(d)
-        apply_lora(ours, args.r, args.r, 0.05, tuple(TARGETS))
-        s, peak = step_stats(ours.train(), ours, x, args.device, args.steps)
-        print(f"| ours (model.py + lora.py) | {s:.3f} | {x.numel() / s:.0f} | {peak} |")
+        apply_lora(ours, args.r, args.r, 0.05, targets)
+        s_ours, useful = timed(ours_step(ours.train(), cfg), batches, args.device)
+        print(f"| ours (model.py + lora.py + train.train_step) | {s_ours:.3f} | {useful / s_ours:.0f} |")
         del ours
-        if args.device == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
         import peft
         import transformers
         hf = transformers.LlamaForCausalLM.from_pretrained(d, dtype=dtype).to(args.device)
-        hf = peft.get_peft_model(hf, peft.LoraConfig(r=args.r, lora_alpha=args.r, lora_dropout=0.05, target_modules=TARGETS))
-        s, peak = step_stats(hf.train(), lambda t: hf(t).logits, x, args.device, args.steps)
-        print(f"| transformers + peft | {s:.3f} | {x.numel() / s:.0f} | {peak} |")
+        hf = peft.get_peft_model(hf, peft.LoraConfig(r=args.r, lora_alpha=args.r, lora_dropout=0.05, target_modules=list(targets)))
+        s_hf, _ = timed(hf_step(hf.train(), pad, args.device, bf16), batches, args.device)
+        print(f"| transformers + peft | {s_hf:.3f} | {useful / s_hf:.0f} |")
+    print(f"speed-up: {s_hf / s_ours:.2f}x")
 
 
 if __name__ == "__main__":
