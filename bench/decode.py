@@ -9,7 +9,11 @@ the true trace, while the real model still computes every forward pass. So the t
 differ only in how contexts are scheduled and cached:
   batched  all open contexts of all problems advance together, one KV-cache slot per context;
   single   the same decoder, one problem at a time (cached, unbatched);
-  oracle   the release's algorithm: each token recomputes its whole context, one problem at a time.
+  oracle   each token recomputes its whole context, one problem at a time (decoder.decode_naive);
+  release  the release's harness: transformers' `generate` (with its KV cache) once per
+           completion, batch 1, the parent's whole text re-encoded after each return; the same
+           weights in transformers, steered along the true trace by a logits processor.
+The last line is the batched decoder's speed-up over the release's harness at 16 digits.
 """
 import argparse
 import os
@@ -22,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import tasks  # noqa: E402
 from checkpoint import Tokenizer  # noqa: E402
 from data import eval_problems  # noqa: E402
-from decoder import decode, decode_naive, eval_limits  # noqa: E402
+from decoder import Solve, decode, decode_naive, eval_limits  # noqa: E402
 from model import Llama, ModelArgs  # noqa: E402
 from runs import EMBEDDED_TOKENIZER, load_run  # noqa: E402
 from tracemodel import TraceModel  # noqa: E402
@@ -36,12 +40,47 @@ def timed(fn, problems):
     return len(solves) / dt, sum(s.n_generated for s in solves) / dt
 
 
+def release_harness(hf, forced, tok, problems, lim):
+    """Per problem, per completion: generate() on the context's full token list, then the
+    state machine (decoder.Solve) reads the completion; a resumed parent is encoded again."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class FollowTrace(LogitsProcessor):  # the true next token, as TraceModel gives our decoders
+        def __call__(self, input_ids, scores):
+            return forced.predict(input_ids.tolist(), scores[0]).to(scores.dtype)
+    steer, solves = LogitsProcessorList([FollowTrace()]), []
+    for p in problems:
+        s = Solve(p, "addition", "retuning", tok, lim)
+        while not s.done:
+            ctx = s.stack[-1]
+            ctx.ids += ctx.pending
+            out = hf.generate(torch.tensor([ctx.ids]), max_new_tokens=lim.max_new + 1, do_sample=False,
+                              logits_processor=steer, eos_token_id=tok.eos_id, pad_token_id=tok.eos_id)
+            for token in out[0, len(ctx.ids):].tolist():
+                s.on_token(token)
+                if s.done or s.stack[-1] is not ctx or not ctx.generated:  # the completion ended
+                    break
+                ctx.ids += ctx.pending
+        solves.append(s)
+    return solves
+
+
+def hf_twin(model, device):
+    """The same weights as a transformers LlamaForCausalLM."""
+    import tempfile
+    import transformers
+    with tempfile.TemporaryDirectory() as d:
+        model.save_pretrained(d)
+        return transformers.LlamaForCausalLM.from_pretrained(d).to(device).eval()
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--digits", default="8,16,32")
     p.add_argument("--batch", type=int, default=128, help="problems decoded together by the batched decoder")
     p.add_argument("--single-problems", type=int, default=8)
     p.add_argument("--oracle-problems", type=int, default=8)
+    p.add_argument("--release-problems", type=int, default=8)
     p.add_argument("--run", default=None, help="a trained run folder (default: random weights)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
@@ -54,6 +93,7 @@ def main():
         model.init_weights(0)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f}M parameters on {args.device}, {torch.get_num_threads()} threads")
+    hf = hf_twin(model, args.device)
     print("| digits | decoder | problems | problems/s | generated tokens/s | speed-up vs oracle |")
     print("|---|---|---|---|---|---|")
     for d in map(int, args.digits.split(",")):
@@ -65,11 +105,16 @@ def main():
             "single": (problems[:args.single_problems],
                        lambda ps: [decode(forced, tok, "addition", "retuning", [q], lim)[0] for q in ps]),
             "oracle": (problems[:args.oracle_problems], lambda ps: decode_naive(forced, tok, "addition", "retuning", ps, lim)),
+            "release": (problems[:args.release_problems], lambda ps: release_harness(hf, forced, tok, ps, lim)),
         }
         rates = {name: timed(fn, ps) for name, (ps, fn) in runs.items()}
         for name, (ps, _) in runs.items():
             pr, tr = rates[name]
             print(f"| {d} | {name} | {len(ps)} | {pr:.2f} | {tr:.0f} | {pr / rates['oracle'][0]:.1f}x |")
+        if d == 16:
+            speedup = rates["batched"][0] / rates["release"][0]
+    if "speedup" in locals():
+        print(f"speed-up over the release's harness at 16 digits: {speedup:.2f}x")
 
 
 if __name__ == "__main__":
