@@ -23,7 +23,7 @@ from tqdm import tqdm
 import steps
 from data import eval_problems
 from decoder import decode, eval_limits
-from runs import load_run
+from runs import load_run, read_run_config
 from tasks import TASKS
 
 
@@ -183,8 +183,7 @@ def write(results, out):
 
 
 def lengths_of(run, args) -> list:
-    with open(os.path.join(run, "config.json")) as f:
-        cfg = json.load(f)
+    cfg = read_run_config(run)
     task = TASKS[cfg["task"]]
     if args.lengths or args.paper_lengths:
         return args.lengths or parse_lengths(task.paper_eval_lengths)

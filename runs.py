@@ -59,7 +59,10 @@ def claim(run, base, resume=False, overwrite=False):
     if overwrite and not resume:
         for name in OUTPUTS:
             path = os.path.join(run, name)
-            shutil.rmtree(path) if os.path.isdir(path) else os.path.exists(path) and os.remove(path)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
 
 
 def check_resume(run, record: dict):
