@@ -27,10 +27,23 @@ class CheckpointError(ValueError):
 
 # ----------------------------------------------------------------------------- files
 def atomic_write(path, write):
-    """Write via a temporary file then rename, so a crash never leaves a half-written file."""
+    """Write a temporary file, flush it to the disk, rename it over `path`: a crash (or a power cut)
+    leaves the old file or the new one, never half of one. A failed write leaves no temporary."""
     tmp = f"{path}.tmp{os.getpid()}"
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(folder)  # the rename itself reaches the disk
+    finally:
+        os.close(folder)
 
 
 def write_text(path, text):
@@ -43,8 +56,19 @@ def write_json(path, obj):
 
 
 # ----------------------------------------------------------------------------- config.json
+SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+         "intermediate_size", "vocab_size", "max_position_embeddings")
+DTYPES = ("float32", "float16", "bfloat16")  # what the weights may be stored and computed in
+
+
 def args_from_hf(cfg: dict) -> ModelArgs:
     """Explicit mapping from a transformers config.json (v4 or v5 layout)."""
+    bad = [k for k in SIZES if cfg.get(k) is not None and not (type(cfg[k]) is int and cfg[k] >= 1)]
+    if bad:
+        raise CheckpointError(f"config.json: {bad[0]} must be a whole number >= 1, got {cfg[bad[0]]!r}")
+    dtype = str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32")
+    if dtype not in DTYPES:
+        raise CheckpointError(f"config.json: unsupported dtype {dtype!r} (expected one of {', '.join(DTYPES)})")
     for key, bad in (("attention_bias", True), ("mlp_bias", True)):
         if cfg.get(key, False) == bad:
             raise CheckpointError(f"config.json: unsupported setting {key}={bad}")
@@ -68,7 +92,7 @@ def args_from_hf(cfg: dict) -> ModelArgs:
             max_seq_len=cfg.get("max_position_embeddings", 2048),
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
             bos_id=cfg.get("bos_token_id", 1), eos_id=eos[0] if isinstance(eos, list) else eos,
-            dtype=str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32"))
+            dtype=dtype)
     except KeyError as e:
         raise CheckpointError(f"config.json: missing key {e.args[0]!r}") from None
     except ValueError as e:  # ModelArgs' own checks (head counts, RoPE type): a bad checkpoint here
@@ -98,8 +122,14 @@ def read_args(path) -> ModelArgs:
     cfg_file = os.path.join(path, "config.json")
     if not os.path.exists(cfg_file):
         raise CheckpointError(f"{path}: no config.json")
-    with open(cfg_file) as f:
-        return args_from_hf(json.load(f))
+    try:
+        with open(cfg_file) as f:
+            cfg = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{cfg_file}: expected a JSON object")
+    return args_from_hf(cfg)
 
 
 # ----------------------------------------------------------------------------- weights
@@ -146,8 +176,16 @@ def read_safetensors(path, device, dtype) -> dict:
     """All tensors of a single-file or sharded checkpoint, keyed by our names, each cast on load."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+        try:
+            with open(index) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+            if not all(isinstance(n, str) for n in files):
+                raise TypeError("shard names must be strings")
+        except (ValueError, KeyError, AttributeError, TypeError) as e:  # bad JSON, no or odd weight_map
+            raise CheckpointError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
+        outside = [n for n in files if not inside(path, n)]
+        if outside:
+            raise CheckpointError(f"{index}: shard {outside[0]!r} is outside the checkpoint folder")
     elif os.path.exists(os.path.join(path, "model.safetensors")):
         files = ["model.safetensors"]
     else:
@@ -163,6 +201,12 @@ def read_safetensors(path, device, dtype) -> dict:
             raise CheckpointError(f"{os.path.join(path, name)}: unreadable safetensors file ({e})") from None
     state.pop("rotary_emb.inv_freq", None)  # some exporters store the (recomputed) frequencies
     return state
+
+
+def inside(folder, name) -> bool:
+    """Whether folder/name stays inside folder (no absolute path, no ../, no link out)."""
+    root = os.path.realpath(folder)
+    return os.path.realpath(os.path.join(root, name)).startswith(root + os.sep)
 
 
 def check_state(model: Llama, state: dict, path):
@@ -226,6 +270,12 @@ class Tokenizer:
             return cls(file)
         args = read_args(path)
         return cls(file, args.bos_id, args.eos_id)
+
+
+def check_vocabulary(tok: Tokenizer, args: ModelArgs, where):
+    """A token id past the embedding table would crash the first forward pass: refuse it up front."""
+    if tok.vocab_size > args.vocab_size:
+        raise CheckpointError(f"{where}: the tokenizer has {tok.vocab_size} pieces but the model only {args.vocab_size} embeddings")
 
 
 def tokenizer_file(path) -> str:

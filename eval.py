@@ -23,6 +23,7 @@ from tqdm import tqdm
 import steps
 from data import eval_problems
 from decoder import decode, eval_limits
+from flags import Parser, device, positive
 from runs import load_run, read_run_config
 from tasks import TASKS
 
@@ -40,12 +41,6 @@ def parse_lengths(text: str) -> list:
             raise argparse.ArgumentTypeError(f"lengths must look like 1-8,12 with 1 <= a <= b <= {MAX_LENGTH}, got {text!r}")
         out += list(range(lo, hi + 1))
     return out
-
-
-def positive(text) -> int:
-    if not text.strip().isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return int(text)
 
 
 def first_error(ctx, truth: dict):
@@ -191,7 +186,7 @@ def lengths_of(run, args) -> list:
 
 
 def parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="*", help="run folders (default: every run under runs/)")
     p.add_argument("--lengths", type=parse_lengths, default=None, help="e.g. 1-32 or 2,4,8 (default: the task's shortest to 2x the training length)")
     p.add_argument("--paper-lengths", action="store_true", help="the paper's ranges: %s"
@@ -200,21 +195,19 @@ def parser():
     p.add_argument("--by-step", action="store_true", help="also each step's teacher-forced accuracy (steps.py): where a method breaks")
     p.add_argument("--seed", type=int, default=1234, help="which problems (a separate stream from training's)")
     p.add_argument("--batch-size", type=positive, default=64, help="problems decoded together (default 64)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--out", default=None, help="the folder to write (default: a new runs/eval/<date-time>/; reproduce.sh: results/)")
     return p
 
 
 def main(argv=None):
     args = parser().parse_args(argv)
-    runs = args.runs or sorted(os.path.dirname(c) for c in glob.glob("runs/*/config.json")
-                               if json.load(open(c)).get("command") == "train")  # not a pretraining run
-    if not runs:
-        sys.exit("error: no runs found under runs/: train one first (python retuning.py train --task addition)")
+    runs = args.runs or sorted(os.path.dirname(c) for c in glob.glob("runs/*/config.json") if is_finetune(c))
     out = args.out or os.path.join("runs", "eval", time.strftime("%Y-%m-%d_%H%M%S"))
-    if os.path.isfile(out):
-        sys.exit(f"error: --out {out} is a file")
-    os.makedirs(out, exist_ok=True)
+    if not runs:
+        fail("no runs found under runs/: train one first (python retuning.py train --task addition)")
+    if os.path.exists(out) and not os.path.isdir(out):
+        fail(f"--out {out} is a file, not a folder")
     results, failed = [], []
     for run in runs:
         try:
@@ -222,14 +215,29 @@ def main(argv=None):
                                     args.device, by_step=args.by_step))
         except (ValueError, OSError, KeyError) as e:  # a bad run folder: say so, go on with the others
             failed.append(run)
-            print(f"error: {run}: {e}", file=sys.stderr)
+            print(f"error: {e}" if str(run) in str(e) else f"error: {run}: {e}", file=sys.stderr)
             continue
+        os.makedirs(out, exist_ok=True)  # only once there is something to write
         md = write(results, out)
     if results:
         print(md)
         print(f"wrote {out}/results.json, results.md and " + ", ".join(f"{t}.png" for t in sorted({r['task'] for r in results})))
     if failed:
-        sys.exit(f"error: could not evaluate {', '.join(failed)}")
+        sys.exit(2)  # each failure was reported on its own line above
+
+
+def is_finetune(config_path) -> bool:
+    """Whether runs/*/config.json is a fine-tuning run's (eval skips pretraining runs and odd files)."""
+    try:
+        with open(config_path) as f:
+            return json.load(f).get("command") == "train"
+    except (ValueError, OSError, AttributeError):
+        return False
+
+
+def fail(message):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

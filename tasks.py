@@ -162,7 +162,8 @@ class Addition(Task):
         return str(int(a) + int(b))
 
     def finish(self, m):  # "Carry c, Output s" -> "1" + s or s, without leading zeros
-        return str(int(m[1] + m[2])) if len(m.groups()) == 2 else m[1]
+        # strip, not int(): Python refuses int() of over 4,300 digits, and a model may write that many
+        return ((m[1] + m[2]).lstrip("0") or "0") if len(m.groups()) == 2 else m[1]
 
     @staticmethod
     def step(a, b):  # "Carry c_k, Output s_k" for two k-digit suffixes

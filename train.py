@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import pretrain
-from checkpoint import Tokenizer, tokenizer_file, write_json
+from checkpoint import Tokenizer, check_vocabulary, tokenizer_file, write_json
 from data import eval_problems, training_contexts
 from decoder import decode, eval_limits
 from lora import TARGETS, apply_lora
@@ -147,6 +147,7 @@ def build_model(cfg: TrainConfig, frozen=False):
         tok = Tokenizer.from_folder(resolve(cfg.base))
         dtype = torch.bfloat16 if frozen and cfg.use_bf16 else torch.float32
         model = Llama.from_pretrained(resolve(cfg.base), dtype=dtype, device=cfg.device)
+        check_vocabulary(tok, model.args, cfg.base)
     model.gradient_checkpointing = cfg.gradient_checkpointing
     return model, tok
 
@@ -176,11 +177,11 @@ def fit(cfg: TrainConfig, model, data, probe, record: dict) -> int:
     loop, then the checkpoint, the exported model and summary.json. Returns the last step."""
     if cfg.resume:
         check_resume(cfg.run, record)
-    os.makedirs(cfg.run, exist_ok=True)
-    write_json(os.path.join(cfg.run, "config.json"), record)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
-    step, elapsed = resume(cfg.run, model, opt) if cfg.resume else (0, 0.0)
+    step, elapsed = resume(cfg.run, model, opt) if cfg.resume else (0, 0.0)  # before any write: it may refuse
+    os.makedirs(cfg.run, exist_ok=True)
+    write_json(os.path.join(cfg.run, "config.json"), record)
     print(f"{cfg.run}: {len(data)} training contexts, {sum(p.numel() for p in params) / 1e6:.2f}M "
           f"trainable parameters on {cfg.device}")
     step, elapsed = train_loop(cfg, model, opt, data, probe, step, elapsed)

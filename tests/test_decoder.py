@@ -121,7 +121,9 @@ def test_a_model_emitting_random_tokens_yields_failures_with_reasons(task, metho
         model.lm_head.weight[TOK.eos_id] += 0.3 * model.embed_tokens.weight.mean(0)
     problems = data.eval_problems(task, 3, 6, 0)
     lim = Limits(max_new=12, max_context_len=64, max_depth=4, max_contexts=6)
-    solves = decode(model, TOK, task, method, problems, lim)
+    cache = KVCache(args, 2, 64)  # fewer slots than problems: slots must be handed back and reused
+    solves = decode(model, TOK, task, method, problems, lim, cache=cache)
+    assert cache.in_use() == 0  # every exit path released its slot
     assert_same(solves, decode_naive(model, TOK, task, method, problems, lim))
     reasons = ("recursion deeper", "token id", "more than 6 contexts", "completion longer", "context longer",
                "call without its newline", "text after the call", "unreadable answer", "cannot be returned")

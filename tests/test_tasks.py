@@ -136,6 +136,11 @@ def test_parse_of_the_final_completion_gives_the_true_answer(name, method):
 def test_addition_answers_strip_the_zeros_of_padded_operands():
     assert ADD.parse("retuning", ADD.trace("0012 + 0005", "retuning")[-1][-1]) == ADD.answer("0012 + 0005") == "17"
     assert ADD.parse("scratchpad", "Carry 1, Output 000") == "1000"
+    assert ADD.parse("scratchpad", "Carry 0, Output 000") == "0"
+
+
+def test_an_answer_of_more_digits_than_python_converts_is_read_not_raised():
+    assert ADD.parse("scratchpad", "Carry 0, Output 0" + "7" * 5000) == "7" * 5000  # int() refuses > 4300 digits
 
 
 @pytest.mark.parametrize("name,method", list(itertools.product(TASKS, METHODS)))

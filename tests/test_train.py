@@ -199,7 +199,9 @@ def test_eval_goes_on_past_a_bad_run_and_refuses_bad_lengths_in_one_line(tmp_pat
     retuning.main(["train", "--task", "parity", "--steps", "1", "--out", run, *TINY])
     with pytest.raises(SystemExit) as e:
         evaluation.main([str(tmp_path / "missing"), run, "--lengths", "1-2", "--per-length", "1", "--out", str(tmp_path / "res")])
-    assert "could not evaluate" in str(e.value) and "missing" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]  # beside the good run's progress bar
+    assert e.value.code == 2 and len(errors) == 1 and "missing" in errors[0], err
     assert json.loads((tmp_path / "res" / "results.json").read_text())["runs"][0]["run"] == run  # the good run is kept
     for bad in ["abc", "-3", "1-2-3", "5-1", "1--3", "0", "", "4400"]:
         with pytest.raises(SystemExit) as e:
