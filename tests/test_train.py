@@ -138,7 +138,8 @@ def test_bad_run_folders_and_flags_are_one_line_errors_and_change_nothing(tmp_pa
         capsys.readouterr()
         with pytest.raises(SystemExit) as e:
             retuning.main(["train", *TINY, flag, value, "--out", str(tmp_path / "y")])
-        assert e.value.code == 2 and value in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and value in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_resume_refuses_a_different_config_before_writing_anything(tmp_path, capsys):
@@ -206,7 +207,8 @@ def test_eval_goes_on_past_a_bad_run_and_refuses_bad_lengths_in_one_line(tmp_pat
     for bad in ["abc", "-3", "1-2-3", "5-1", "1--3", "0", "", "4400"]:
         with pytest.raises(SystemExit) as e:
             evaluation.main([run, "--lengths", bad])
-        assert e.value.code == 2 and "lengths must look like" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "lengths must look like" in err and len(err.strip().splitlines()) == 1, err
     with pytest.raises(SystemExit):
         evaluation.main([run, "--per-length", "0"])
 
