@@ -33,12 +33,13 @@ class TraceModel(torch.nn.Module):
         logits[torch.arange(len(histories)), torch.tensor(nxt)] = 1.0
         return logits
 
-    def forward(self, tokens, cache=None, slots=None, n_new=None, last_only=False):
+    def forward(self, tokens, cache=None, slots=None, n_new=None, last_only=False, select=None):
         like = torch.zeros(self.args.vocab_size)
         if cache is None:
             if self.inner is not None:
-                self.inner(tokens)
-            return torch.stack([self.predict([r[:t + 1] for t in range(len(r))], like) for r in tokens.tolist()])
+                self.inner(tokens, select=select)
+            logits = torch.stack([self.predict([r[:t + 1] for t in range(len(r))], like) for r in tokens.tolist()])
+            return logits if select is None else logits[select]  # as Llama.forward: only the selected positions
         for row, slot, n in zip(tokens.tolist(), slots, n_new):  # an empty slot starts a new history
             self.history[slot] = (self.history.get(slot, []) if cache.length[slot] else []) + row[:n]
         if self.inner is not None:

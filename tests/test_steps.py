@@ -27,12 +27,12 @@ class WrongAt(torch.nn.Module):
         self.inner, self.args, self.first = inner, inner.args, first_tokens
         self.dummy = torch.nn.Parameter(torch.zeros(1))
 
-    def forward(self, tokens):
+    def forward(self, tokens, select=None):
         logits = self.inner(tokens)
         for b, t in self.first:
             logits[b, t - 1] = 0
             logits[b, t - 1, 5] = 1.0
-        return logits
+        return logits if select is None else logits[select]
 
 
 @pytest.mark.parametrize("task", list(LENGTHS))
