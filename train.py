@@ -29,7 +29,7 @@ from data import eval_problems, training_contexts
 from decoder import decode, eval_limits
 from lora import TARGETS, apply_lora
 from model import Llama, ModelArgs
-from runs import EMBEDDED_TOKENIZER, check_resume, export, resolve, resume, save_checkpoint, write_summary
+from runs import EMBEDDED_TOKENIZER, check_resume, export, resolve, resume, save_checkpoint, uses_bf16, write_summary
 from tasks import TASKS, context_ids
 
 
@@ -65,8 +65,7 @@ class TrainConfig:
 
     @property
     def use_bf16(self) -> bool:
-        # on CPUs with AMX (e.g. Sapphire Rapids) bf16 runs at about 4x the float32 matmul rate
-        return self.device.startswith("cuda") or self.bf16
+        return uses_bf16(self.device, self.bf16)  # the rule load_run applies to the run afterwards
 
 
 @dataclass
