@@ -5,7 +5,8 @@
     python bench/train.py --shape 7b --device cuda                      # LLaMA-7B, dense 4 x 256
 
 With --data TASK-METHOD each step is a batch of real training contexts (data.training_contexts
-at the task's training length, the embedded tokenizer, `train`'s length bucketing): ragged,
+at the task's training length, `train`'s length bucketing; SmolLM2's tokenizer at its shape when
+converted, else the embedded one): ragged,
 loss on the completions only. Ours runs train.train_step (logits only where there is loss);
 transformers + peft get the same contexts as a transformers user would write them: right-padded
 input_ids, an attention_mask and -100 labels. Without --data both get a dense random batch.
@@ -20,7 +21,6 @@ import tempfile
 import time
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train  # noqa: E402
@@ -28,7 +28,7 @@ from checkpoint import Tokenizer  # noqa: E402
 from data import training_contexts  # noqa: E402
 from lora import TARGETS, apply_lora  # noqa: E402
 from model import Llama, ModelArgs  # noqa: E402
-from runs import EMBEDDED_TOKENIZER  # noqa: E402
+from runs import EMBEDDED_TOKENIZER, SMOLLM2_DIR  # noqa: E402
 from tasks import TASKS, context_ids  # noqa: E402
 
 SHAPES = {  # LLaMA-7B (Touvron et al. 2023, Table 2), SmolLM2-135M, the embedded base, a small one
@@ -40,11 +40,18 @@ SHAPES = {  # LLaMA-7B (Touvron et al. 2023, Table 2), SmolLM2-135M, the embedde
 }
 
 
-def real_batches(spec, batch, steps):
+def bench_tokenizer(shape):
+    """SmolLM2's own tokenizer at its shape when `convert` has written it (its contexts are longer
+    than the embedded tokenizer's, which was trained on the task strings), else the embedded one."""
+    if shape == "smollm2" and os.path.isdir(SMOLLM2_DIR):
+        return Tokenizer.from_folder(SMOLLM2_DIR), "SmolLM2's tokenizer"
+    return Tokenizer(EMBEDDED_TOKENIZER), "the embedded tokenizer"
+
+
+def real_batches(spec, batch, steps, tok, max_len=None):
     """`steps` batches of (ids, loss mask) as `train` draws them for TASK-METHOD."""
     task, method = spec.split("-")
-    tok = Tokenizer(EMBEDDED_TOKENIZER)
-    contexts = training_contexts(task, method, TASKS[task].train_len, 0, 16 * batch * (steps + 1))
+    contexts = training_contexts(task, method, max_len or TASKS[task].train_len, 0, 16 * batch * (steps + 1))
     data = [context_ids(tok, segs) for segs in contexts]
     stream = train.batches(data, batch, 0)
     return [[data[i] for i in next(stream)] for _ in range(steps + 1)], tok.eos_id
@@ -108,30 +115,34 @@ def main():
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--r", type=int, default=64)
     p.add_argument("--targets", default=",".join(TARGETS))
+    p.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout, both sides (the paper: 0.05)")
+    p.add_argument("--max-len", type=int, default=None, help="--data: longest problem (default: the task's training length)")
     args = p.parse_args()
     bf16 = args.bf16 or args.device.startswith("cuda")
     dtype, targets = torch.bfloat16 if bf16 else torch.float32, tuple(args.targets.split(","))
     shape = ModelArgs(**SHAPES[args.shape])
-    batches, pad = (real_batches(args.data, args.batch, args.steps) if args.data
+    tok, tok_name = bench_tokenizer(args.shape)
+    batches, pad = (real_batches(args.data, args.batch, args.steps, tok, args.max_len) if args.data
                     else dense_batches(shape.vocab_size, args.batch, args.seq, args.steps))
     torch.manual_seed(0)
     with torch.device(args.device):
         ours = Llama(shape).to(dtype)
     print(f"shape {args.shape}, {sum(p.numel() for p in ours.parameters()) / 1e6:.1f}M parameters, {dtype}, "
-          f"LoRA r={args.r} on {args.targets}, {args.data or 'dense random'} batches of {args.batch}, {args.device}, "
+          f"LoRA r={args.r} (dropout {args.dropout}) on {args.targets}, {args.data + ' (' + tok_name + ')' if args.data else 'dense random'} "
+          f"batches of {args.batch}, {args.device}, "
           f"{torch.get_num_threads()} threads")
     print("| implementation | s/step | useful tokens/s |\n|---|---|---|")
     cfg = train.TrainConfig(run="", device=args.device, bf16=bf16, batch_size=args.batch, micro_batch_size=args.batch)
     with tempfile.TemporaryDirectory() as d:
         ours.save_pretrained(d)
-        apply_lora(ours, args.r, args.r, 0.05, targets)
+        apply_lora(ours, args.r, args.r, args.dropout, targets)
         s_ours, useful = timed(ours_step(ours.train(), cfg), batches, args.device)
         print(f"| ours (model.py + lora.py + train.train_step) | {s_ours:.3f} | {useful / s_ours:.0f} |")
         del ours
         import peft
         import transformers
         hf = transformers.LlamaForCausalLM.from_pretrained(d, dtype=dtype).to(args.device)
-        hf = peft.get_peft_model(hf, peft.LoraConfig(r=args.r, lora_alpha=args.r, lora_dropout=0.05, target_modules=list(targets)))
+        hf = peft.get_peft_model(hf, peft.LoraConfig(r=args.r, lora_alpha=args.r, lora_dropout=args.dropout, target_modules=list(targets)))
         s_hf, _ = timed(hf_step(hf.train(), pad, args.device, bf16), batches, args.device)
         print(f"| transformers + peft | {s_hf:.3f} | {useful / s_hf:.0f} |")
     print(f"speed-up: {s_hf / s_ours:.2f}x")
