@@ -21,20 +21,22 @@ from typing import Optional
 import torch
 
 from model import KVCache
+from positions import Positions
 from tasks import TASKS, child_prompt, completion_ids, context_ids, prompt_ids, read_completion, resume_ids, resume_text
 
 
 @torch.no_grad()
-def decode_naive(model, tok, task, method, problems, lim=None) -> list:
+def decode_naive(model, tok, task, method, problems, lim=None, positions=None) -> list:
     """The oracle: one problem at a time, each token from a full recompute of its context."""
     model.eval()
     dev = next(model.parameters()).device
-    solves = [Solve(p, task, method, tok, lim or Limits()) for p in problems]
+    solves = [Solve(p, task, method, tok, lim or Limits(), positions or Positions()) for p in problems]
     for s in solves:
         while not s.done:
             ctx = s.stack[-1]
             ctx.ids += ctx.pending
-            logits = model(torch.tensor([ctx.ids], device=dev))
+            own = None if ctx.positions is None else ctx.positions[None, :len(ctx.ids)]
+            logits = model(torch.tensor([ctx.ids], device=dev), positions=own)
             s.on_token(int(logits[0, -1].argmax()))
     return solves
 
@@ -72,6 +74,7 @@ class Context:
     generated: list = field(default_factory=list)  # the completion in progress
     segments: list = field(default_factory=list)  # prompt, completion, resume, ... as text
     calls: dict = field(default_factory=dict)  # index of a call's segment -> the child it opened
+    positions: Optional[torch.Tensor] = None  # its tokens' position ids, when not 0, 1, 2, ... (positions.py)
 
 
 @dataclass(eq=False)
@@ -83,6 +86,7 @@ class Solve:
     method: str
     tok: object = field(repr=False)
     lim: Limits = field(repr=False)
+    pos: Positions = field(default_factory=Positions, repr=False)  # how contexts number their tokens
     root: Context = field(init=False)
     stack: list = field(init=False, repr=False)  # the open contexts, the running one last
     answer: Optional[str] = None
@@ -92,9 +96,13 @@ class Solve:
 
     def __post_init__(self):
         prompt = TASKS[self.task].prompt(self.problem, self.method)
-        self.root = Context(prompt, depth=1, segments=[prompt])
+        self.root = Context(prompt, depth=1, segments=[prompt], positions=self.positions_of(0))
         self.stack = [self.root]
         self.feed(self.root, prompt_ids(self.tok, prompt))
+
+    def positions_of(self, k):
+        """Position ids of the problem's k-th context (None: 0, 1, 2, ...), the same in every decoder."""
+        return self.pos.for_context(self.problem, k, self.lim.max_context_len)
 
     @property
     def done(self):
@@ -145,7 +153,7 @@ class Solve:
             self.error = f"more than {self.lim.max_contexts} contexts"
         else:
             parent, prompt = self.stack[-1], child_prompt(sub)
-            child = Context(prompt, depth=len(self.stack) + 1, segments=[prompt])
+            child = Context(prompt, depth=len(self.stack) + 1, segments=[prompt], positions=self.positions_of(self.n_contexts))
             parent.calls[len(parent.segments) - 1] = child  # the call is the parent's last segment
             parent.pending = []
             self.stack.append(child)
@@ -167,17 +175,17 @@ class Solve:
 
 # ----------------------------------------------------------------------------- the batched decoder
 @torch.no_grad()
-def decode(model, tok, task, method, problems, lim=None, cache=None) -> list:
+def decode(model, tok, task, method, problems, lim=None, cache=None, positions=None) -> list:
     """Solve a batch of problems; all open contexts advance together, each with its own cache.
 
     One step feeds every active context its pending tokens. Rows decoding one token and rows
     prefilling a prompt or a resume go in two forward calls: padding a one-token row to a
     40-token prefill would multiply its cost by 40. Pass a `cache` to reuse one pool of slots
-    across batches.
+    across batches. `positions` (positions.py) numbers each context's tokens; default 0, 1, 2, ...
     """
     model.eval()
     lim = lim or Limits()
-    solves = [Solve(p, task, method, tok, lim) for p in problems]
+    solves = [Solve(p, task, method, tok, lim, positions or Positions()) for p in problems]
     w = next(model.parameters())
     if cache is None or cache.max_len < lim.max_context_len:
         cache = KVCache(model.args, 2 * len(problems), lim.max_context_len, w.device, w.dtype)
@@ -217,7 +225,7 @@ def hand_slots(cache, before: list, s: Solve):
             ctx.slot = -1
     for ctx in after:
         if ctx.slot < 0:
-            ctx.slot = cache.alloc()
+            ctx.slot = cache.alloc(ctx.positions)
 
 
 def format_trace(s: Solve, indent="  ") -> str:

@@ -24,6 +24,7 @@ import steps
 from data import eval_problems
 from decoder import decode, eval_limits
 from flags import Parser, device, positive
+from positions import Positions
 from runs import load_run, read_run_config
 from tasks import TASKS
 
@@ -70,7 +71,7 @@ def describe(task, method, s) -> str:
 
 def evaluate(run, lengths, per_length, seed, batch_size, device, n_failures=3, by_step=False):
     model, tok, cfg = load_run(run, device)
-    task, method = cfg["task"], cfg["method"]
+    task, method, pos = cfg["task"], cfg["method"], Positions.of_run(cfg)
     acc, count, failures, n_tokens = {}, {}, [], 0
     t0 = time.time()
     bar = tqdm(total=len(lengths) * per_length, desc=os.path.basename(run.rstrip("/")), dynamic_ncols=True)
@@ -79,7 +80,7 @@ def evaluate(run, lengths, per_length, seed, batch_size, device, n_failures=3, b
         lim = eval_limits(task, method, tok, problems[:1])
         correct = 0
         for b in range(0, len(problems), batch_size):
-            for s in decode(model, tok, task, method, problems[b:b + batch_size], lim):
+            for s in decode(model, tok, task, method, problems[b:b + batch_size], lim, positions=pos):
                 ok = s.answer == TASKS[task].answer(s.problem)
                 correct += ok
                 n_tokens += s.n_generated
@@ -96,7 +97,7 @@ def evaluate(run, lengths, per_length, seed, batch_size, device, n_failures=3, b
     ind = [a for L, a in acc.items() if int(L) <= cfg["train_length"]]
     summary = os.path.join(run, "summary.json")  # what training cost (runs.write_summary)
     if by_step:  # where it breaks: each step teacher-forced (steps.py)
-        by_step = steps.by_step(model, tok, task, method, lengths, per_length, seed, batch_size)
+        by_step = steps.by_step(model, tok, task, method, lengths, per_length, seed, batch_size, pos)
         print(steps.table(task, method, by_step))
     return {"by_step": by_step or None, "run": run, "task": task, "method": method, "train_length": cfg["train_length"],
             "accuracy": acc, "count": count, "seconds": round(dt, 1), "generated_tokens": n_tokens,

@@ -158,7 +158,8 @@ class Block(nn.Module):
 @dataclass
 class Step:
     """Where one ragged forward call reads and writes in a KVCache (built on the host)."""
-    pos: torch.Tensor  # (B, T) absolute position of each input token
+    pos: torch.Tensor  # (B, T) index of each input token in its slot (for the causal mask)
+    rope: torch.Tensor  # (B, T) its position id for RoPE: the index, unless the slot has its own table
     pages: torch.Tensor  # (B, n_pages) each row's pages in order, padded with the null page 0
     write_page: torch.Tensor  # (N,) one entry per real (non-padding) input token
     write_off: torch.Tensor  # (N,) its offset inside that page
@@ -185,19 +186,23 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.free_pages = list(range(n_pages - 1, 0, -1))
-        self.length, self.pages, self.free = [], [], []
+        self.length, self.pages, self.free, self.positions = [], [], [], []
 
-    def alloc(self) -> int:
-        """A fresh, empty slot."""
+    def alloc(self, positions: Optional[torch.Tensor] = None) -> int:
+        """A fresh, empty slot; `positions` gives its i-th token the position id positions[i]
+        instead of i (positions.py: randomized positions at test)."""
         if not self.free:
             self.free.append(len(self.length))
             self.length.append(0)
             self.pages.append([])
-        return self.free.pop()
+            self.positions.append(None)
+        slot = self.free.pop()
+        self.positions[slot] = positions
+        return slot
 
     def release(self, slot: int):
         self.free_pages += self.pages[slot]
-        self.pages[slot], self.length[slot] = [], 0
+        self.pages[slot], self.length[slot], self.positions[slot] = [], 0, None
         self.free.append(slot)
 
     def in_use(self) -> int:
@@ -218,19 +223,26 @@ class KVCache:
         if max(self.length[s] + n for s, n in zip(slots, n_new)) > self.max_len:
             raise ValueError(f"KV cache overflow: a sequence would exceed max_len={self.max_len}")
         start = torch.tensor([self.length[s] for s in slots])
+        pos = start[:, None] + torch.arange(T)[None, :]  # (B, T)
+        rope = pos.clone()
+        for b, (s, n) in enumerate(zip(slots, n_new)):  # slots with their own position ids; padding keeps the index
+            own, at = self.positions[s], self.length[s]
+            if own is not None:
+                if at + n > len(own):
+                    raise ValueError(f"slot {s} has position ids for {len(own)} tokens, not {at + n}")
+                rope[b, :n] = own[at:at + n]
         for s, n in zip(slots, n_new):  # pages for the new tokens, which the slot holds from now on
             while len(self.pages[s]) * P < self.length[s] + n:
                 self.pages[s].append(self.new_page())
             self.length[s] += n
         n_new = torch.tensor(n_new)
-        pos = start[:, None] + torch.arange(T)[None, :]  # (B, T)
         rows, ts = (torch.arange(T)[None, :] < n_new[:, None]).nonzero(as_tuple=True)
         S = int((start + n_new).max())
         width = -(-S // P)  # pages per row
         table = torch.tensor([(self.pages[s] + [0] * width)[:width] for s in slots])
         mask = torch.arange(S)[None, None, None, :] <= pos[:, None, :, None]  # causal over absolute positions
         wpos, dev = pos[rows, ts], self.k.device
-        return Step(pos.to(dev), table.to(dev), table[rows, wpos // P].to(dev), (wpos % P).to(dev),
+        return Step(pos.to(dev), rope.to(dev), table.to(dev), table[rows, wpos // P].to(dev), (wpos % P).to(dev),
                     rows.to(dev), ts.to(dev), mask.to(dev))
 
     def update(self, layer: int, step: Step, k, v):
@@ -268,7 +280,8 @@ class Llama(nn.Module):
                 with torch.no_grad():
                     p.copy_(torch.randn(p.shape, generator=g) * 0.02)
 
-    def forward(self, tokens, cache: Optional[KVCache] = None, slots=None, n_new=None, last_only=False, select=None):
+    def forward(self, tokens, cache: Optional[KVCache] = None, slots=None, n_new=None, last_only=False, select=None,
+                positions=None):
         """tokens (B, T) -> logits (B, T, V), or (B, V) at each row's last real token, or (N, V)
         at the N positions where the boolean (B, T) `select` is True.
 
@@ -277,15 +290,17 @@ class Llama(nn.Module):
         slot slots[b]; the rest of the row is padding, neither stored nor attended to.
         `select` is for training: the output layer costs dim x vocab per position (49k columns on
         SmolLM2), and only completion positions carry loss, so only those are projected.
+        `positions` (B, T), without a cache, replaces each token's position id 0, 1, 2, ... (a
+        cache slot carries its own: KVCache.alloc); positions.py says why.
         """
         B, T = tokens.shape
         n_new = list(n_new) if n_new is not None else [T] * B
         step = None
         if cache is None:
-            pos = torch.arange(T, device=tokens.device)[None, :].expand(B, T)
+            pos = torch.arange(T, device=tokens.device)[None, :].expand(B, T) if positions is None else positions.to(tokens.device)
         else:
             step = cache.reserve(list(slots), n_new, T)
-            pos = step.pos
+            pos = step.rope
         freqs = pos[..., None].float() * self.inv_freq  # (B, T, hd/2), float32
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd) broadcast over heads
         x = self.embed_tokens(tokens)

@@ -24,6 +24,7 @@ from data import show, token_table
 from flags import Parser, device, fraction, non_negative, positive, positive_float
 from decoder import decode, eval_limits, format_trace
 from lora import TARGETS
+from positions import SCHEMES, Positions
 from runs import EMBEDDED_BASE, EMBEDDED_TOKENIZER, SMOLLM2_DIR, claim, load_run, read_run_config
 from tasks import METHODS, TASKS
 from train import FinetuneConfig, PretrainConfig, finetune, pretrain_base
@@ -69,7 +70,8 @@ def solve(args):
     task = TASKS[cfg["task"]]
     problem = task.validate(args.problem)
     model, tok, cfg = load_run(args.run, args.device or "cpu")
-    s = decode(model, tok, cfg["task"], cfg["method"], [problem], eval_limits(cfg["task"], cfg["method"], tok, [problem]))[0]
+    s = decode(model, tok, cfg["task"], cfg["method"], [problem], eval_limits(cfg["task"], cfg["method"], tok, [problem]),
+               positions=Positions.of_run(cfg))[0]
     print(format_trace(s))
     print(f"true answer: {task.answer(problem)}")
 
@@ -119,6 +121,11 @@ def model_flags(t, base):
     g.add_argument("--dim", type=positive, default=128, help="scratch model width")
     g.add_argument("--n-layers", type=positive, default=4, help="scratch model depth")
     g.add_argument("--n-heads", type=positive, default=4, help="scratch model heads")
+    g.add_argument("--positions", choices=SCHEMES, default="contiguous",
+                   help="position ids (positions.py): 'gaps' at segment boundaries in training, or 'randomized' "
+                        "sorted random ids in training and at test, so no distance reveals a length (issue 10)")
+    g.add_argument("--max-gap", type=non_negative, default=12, help="--positions gaps: largest extra gap at a boundary")
+    g.add_argument("--position-span", type=positive, default=1024, help="--positions randomized: ids drawn from 0..span-1")
     g.add_argument("--full", action="store_true", help="fine-tune every weight instead of LoRA")
     g.add_argument("--lora-r", type=positive, default=64, help="LoRA rank (the paper: 64)")
     g.add_argument("--lora-alpha", type=positive_float, default=64, help="LoRA scale numerator: updates are scaled by alpha / r")

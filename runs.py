@@ -43,6 +43,8 @@ def resolve(path):
 # ----------------------------------------------------------------------------- while training
 OUTPUTS = ("checkpoint.pt", "config.json", "metrics.jsonl", "summary.json", "adapter", "model")  # what a run writes
 # what may differ when a run is resumed; any other difference in config.json refuses the resume
+# config keys added since the first runs, with the value those runs had in effect (so they resume)
+ADDED_KEYS = {"positions": "contiguous", "max_gap": 12, "position_span": 1024}
 MAY_CHANGE_ON_RESUME = {"run", "resume", "steps", "minutes", "device", "eval_every", "save_every", "overwrite"}
 
 
@@ -74,7 +76,7 @@ def claim(run, base, resume=False, overwrite=False):
 def check_resume(run, record: dict):
     """Refuse to resume a run with a different config, naming the keys, before writing anything."""
     with open(os.path.join(run, "config.json")) as f:
-        stored = json.load(f)
+        stored = {**ADDED_KEYS, **json.load(f)}
     record = json.loads(json.dumps(record))  # tuples as lists, as stored
     keys = sorted(k for k in set(stored) | set(record) if k not in MAY_CHANGE_ON_RESUME and stored.get(k) != record.get(k))
     if keys:

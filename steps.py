@@ -17,6 +17,8 @@ import torch
 
 import tasks
 from data import eval_problems
+from decoder import eval_limits
+from positions import Positions
 
 
 def step_spans(tok, segments, method):
@@ -52,10 +54,12 @@ def line_spans(tok, comp_ids, offset):
 
 
 @torch.no_grad()
-def step_hits(model, tok, contexts, method):
-    """For each context (list of segments): {label: right?} under teacher forcing."""
+def step_hits(model, tok, contexts, method, own=None):
+    """For each context (list of segments): {label: right?} under teacher forcing. `own`: each
+    context's position ids as the decoder gives them (positions.py), or None for 0, 1, 2, ..."""
     rows = [step_spans(tok, segs, method) for segs in contexts]
     T = max(len(ids) for ids, _ in rows)
+    pos = None if own is None or own[0] is None else torch.stack([p[:T - 1] for p in own])
     x = torch.full((len(rows), T), tok.eos_id, dtype=torch.long)
     for b, (ids, _) in enumerate(rows):
         x[b, :len(ids)] = torch.tensor(ids)
@@ -67,7 +71,7 @@ def step_hits(model, tok, contexts, method):
             sel[b, lo - 1:hi] = True
     dev = next(model.parameters()).device
     right = torch.zeros_like(sel)
-    right[sel] = model(x[:, :-1].to(dev), select=sel.to(dev)).argmax(-1).cpu() == x[:, 1:][sel]
+    right[sel] = model(x[:, :-1].to(dev), select=sel.to(dev), positions=pos).argmax(-1).cpu() == x[:, 1:][sel]
     return [{label: bool(right[b, lo - 1:hi].all()) for label, lo, hi in spans} for b, (_, spans) in enumerate(rows)]
 
 
@@ -77,15 +81,18 @@ def top_context(task, problem, method):
     return next(segs for segs in tasks.TASKS[task].trace(problem, method) if segs[0] == prompt)
 
 
-def by_step(model, tok, task, method, lengths, per_length, seed, batch_size=32):
-    """{length: {step label: accuracy}} over fresh problems' top-level contexts."""
+def by_step(model, tok, task, method, lengths, per_length, seed, batch_size=32, positions=None):
+    """{length: {step label: accuracy}} over fresh problems' top-level contexts, with the position
+    ids the decoder would give them (eval.py sizes its limits from each length's first problem)."""
     out = {}
     for L in lengths:
         problems = eval_problems(task, L, per_length, seed)
         contexts = [top_context(task, p, method) for p in problems]
+        budget = eval_limits(task, method, tok, problems[:1]).max_context_len
+        own = [(positions or Positions()).for_context(p, 0, budget) for p in problems]
         hits = []
         for b in range(0, len(contexts), batch_size):
-            hits += step_hits(model, tok, contexts[b:b + batch_size], method)
+            hits += step_hits(model, tok, contexts[b:b + batch_size], method, own[b:b + batch_size])
         labels = list(dict.fromkeys(k for h in hits for k in h))
         out[str(L)] = {k: sum(h.get(k, False) for h in hits) / len(hits) for k in labels}
     return out

@@ -33,7 +33,7 @@ class TraceModel(torch.nn.Module):
         logits[torch.arange(len(histories)), torch.tensor(nxt)] = 1.0
         return logits
 
-    def forward(self, tokens, cache=None, slots=None, n_new=None, last_only=False, select=None):
+    def forward(self, tokens, cache=None, slots=None, n_new=None, last_only=False, select=None, positions=None):
         like = torch.zeros(self.args.vocab_size)
         if cache is None:
             if self.inner is not None:

@@ -29,6 +29,7 @@ from data import eval_problems, training_contexts
 from decoder import decode, eval_limits
 from lora import TARGETS, apply_lora
 from model import Llama, ModelArgs
+from positions import Positions
 from runs import EMBEDDED_TOKENIZER, check_resume, export, resolve, resume, save_checkpoint, uses_bf16, write_summary
 from tasks import TASKS, context_ids
 
@@ -43,6 +44,9 @@ class TrainConfig:
     n_layers: int = 4
     n_heads: int = 4
     gradient_checkpointing: bool = False  # recompute activations: memory for time
+    positions: str = "contiguous"  # position ids in training (and at test for "randomized"): positions.py
+    max_gap: int = 12  # positions "gaps": the largest extra gap at a segment boundary
+    position_span: int = 1024  # positions "randomized": ids drawn from range(position_span)
     bf16: bool = False  # bfloat16 frozen weights and autocast on the CPU too (always on CUDA)
     # the budget: wall time (the LR schedule follows the clock) or steps, whichever ends first
     minutes: Optional[float] = None
@@ -62,6 +66,10 @@ class TrainConfig:
     resume: bool = False
     eval_every: int = 250  # steps between probes (0: never)
     save_every: int = 100
+
+    @property
+    def position_ids(self) -> Positions:
+        return Positions(self.positions, self.max_gap, self.position_span)
 
     @property
     def use_bf16(self) -> bool:
@@ -165,7 +173,8 @@ def quick_check(model, tok, cfg: FinetuneConfig, n=32):
     rng = random.Random(cfg.seed + 1)
     lengths = [rng.randint(TASKS[cfg.task].min_len, cfg.max_len) for _ in range(n)]
     problems = [eval_problems(cfg.task, L, 1, cfg.seed + 7 + i)[0] for i, L in enumerate(lengths)]
-    solves = decode(model, tok, cfg.task, cfg.method, problems, eval_limits(cfg.task, cfg.method, tok, problems))
+    solves = decode(model, tok, cfg.task, cfg.method, problems, eval_limits(cfg.task, cfg.method, tok, problems),
+                    positions=cfg.position_ids)
     model.train()
     return sum(s.answer == TASKS[cfg.task].answer(p) for s, p in zip(solves, problems)) / n
 
@@ -207,7 +216,7 @@ def train_loop(cfg: TrainConfig, model, opt, data, probe, step, elapsed):
             for g in opt.param_groups:
                 g["lr"] = lr
             t1 = time.time()
-            loss, _, n_tokens = train_step(model, opt, [data[i] for i in next(stream)], cfg)
+            loss, _, n_tokens = train_step(model, opt, [data[i] for i in next(stream)], cfg, step)
             step += 1
             rec = {"step": step, "loss": round(loss, 5), "lr": lr,
                    "tok_s": round(n_tokens / (time.time() - t1)), "time": round(time.time() - t0, 2)}
@@ -266,14 +275,17 @@ def get_lr(step, cfg: TrainConfig, elapsed=0.0):
     return cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
 
 
-def train_step(model, opt, items, cfg: TrainConfig):
-    """One optimizer step over a batch, in micro-batches; returns (loss, target tokens, tokens)."""
+def train_step(model, opt, items, cfg: TrainConfig, step=0):
+    """One optimizer step over a batch, in micro-batches; returns (loss, target tokens, tokens).
+    Position ids, unless contiguous, are drawn from a generator seeded by (seed, step, micro-batch)."""
     n_targets = sum(sum(mask) for _, mask in items)  # normalise per target token of the whole batch
     total, n_tokens = 0.0, 0
     for m in range(0, len(items), cfg.micro_batch_size):
-        x, y = collate(items[m:m + cfg.micro_batch_size], model.args.eos_id, cfg.device)
+        part = items[m:m + cfg.micro_batch_size]
+        x, y = collate(part, model.args.eos_id, cfg.device)
+        pos = cfg.position_ids.for_batch([mask for _, mask in part], x.shape[1], (cfg.seed * 100_003 + step) * 1009 + m)
         with torch.autocast(cfg.device.split(":")[0], torch.bfloat16, enabled=cfg.use_bf16):
-            logits = model(x, select=y != -100)  # the output layer only where there is loss
+            logits = model(x, select=y != -100, positions=pos)  # the output layer only where there is loss
         loss = F.cross_entropy(logits, y[y != -100], reduction="sum") / n_targets
         loss.backward()
         total += loss.item()

@@ -16,6 +16,7 @@ import tasks
 from checkpoint import Tokenizer
 from decoder import Limits, decode, decode_naive, format_trace
 from model import KVCache, Llama, ModelArgs
+from positions import Positions
 from runs import EMBEDDED_TOKENIZER, load_run
 from tracemodel import TraceModel
 
@@ -77,6 +78,14 @@ def test_the_batched_decoder_and_the_naive_oracle_produce_identical_tokens(train
     assert_same(fast, decode_naive(trained, TOK, "addition", "retuning", problems, lim))
     assert any(s.n_contexts > 1 for s in fast), "the trained model should make calls"
     assert len({s.n_contexts for s in fast}) > 1, "problems should finish at different steps"
+
+
+def test_with_randomized_position_ids_the_batched_decoder_still_equals_the_oracle(trained):
+    problems, pos = mixed_problems()[:6], Positions("randomized", span=512)
+    lim = Limits(max_new=24, max_context_len=96, max_depth=8, max_contexts=10)
+    fast = decode(trained, TOK, "addition", "retuning", problems, lim, positions=pos)
+    assert_same(fast, decode_naive(trained, TOK, "addition", "retuning", problems, lim, positions=pos))
+    assert torch.equal(fast[0].root.positions, pos.for_context(problems[0], 0, 96))  # one draw per (problem, context)
 
 
 def test_every_guard_fails_its_problem_with_a_reason_in_both_decoders(trained):

@@ -276,6 +276,18 @@ def test_a_released_slot_is_reused_and_starts_empty(ours):
     assert greedy_cached(ours, cache, again, [1, 5, 9], 8) == greedy(ours, [1, 5, 9], 8)
 
 
+def test_position_ids_0_1_2_change_nothing_and_a_slots_own_ids_give_the_uncached_logits(ours):
+    x = TOKENS[:, :12]
+    assert torch.equal(ours(x, positions=torch.arange(12).expand(2, 12)), ours(x))
+    own = torch.tensor([0, 3, 4, 9, 17, 18, 30, 31, 40, 41, 55, 60])  # positions.py: randomized at test
+    want = ours(x[:1], positions=own[None])
+    cache = KVCache(OUR_ARGS, 1, 16)
+    slot = cache.alloc(own)
+    got = torch.cat([ours(x[:1, :5], cache, [slot], [5]), ours(x[:1, 5:], cache, [slot], [7])], dim=1)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(want, ours(x[:1]), atol=1e-2)  # the ids are really used
+
+
 def test_writing_past_max_len_raises_instead_of_wrapping(ours):
     cache = KVCache(OUR_ARGS, n_slots=1, max_len=8)
     with pytest.raises(ValueError, match="KV cache overflow"):

@@ -27,7 +27,7 @@ class WrongAt(torch.nn.Module):
         self.inner, self.args, self.first = inner, inner.args, first_tokens
         self.dummy = torch.nn.Parameter(torch.zeros(1))
 
-    def forward(self, tokens, select=None):
+    def forward(self, tokens, select=None, positions=None):
         logits = self.inner(tokens)
         for b, t in self.first:
             logits[b, t - 1] = 0
