@@ -35,15 +35,17 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # loralib / PEFT init
         nn.init.zeros_(self.lora_B.weight)
         self.scaling = alpha / r
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()  # p=0 would still copy x
         self.merged = False
 
     def forward(self, x):
         y = self.base(x)
         if self.merged:  # the update already lives in base.weight
             return y
-        a = self.lora_A.weight
-        return y + (self.lora_B(self.lora_A(self.dropout(x).to(a.dtype))) * self.scaling).to(y.dtype)
+        h = self.dropout(x)
+        if not torch.is_autocast_enabled(x.device.type):  # a bf16 base without autocast; under it the
+            h = h.to(self.lora_A.weight.dtype)  # matmul casts for itself, and a float32 copy would be wasted
+        return y + (self.lora_B(self.lora_A(h)) * self.scaling).to(y.dtype)
 
     def delta(self) -> torch.Tensor:
         # in float32 whatever the weights' dtype: B @ A rounded to bf16 then added loses the update
