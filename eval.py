@@ -2,6 +2,7 @@
 
     python eval.py                                  # every run under runs/
     python eval.py runs/addition-retuning --lengths 1-20 --per-length 50 --by-step
+    python eval.py --combine A/results.json B/results.json --out C   # one table from two evaluations
 
 Writes, into a new folder per evaluation (runs/eval/<date-time>/ unless --out names one),
 results.json, results.md and one plot per task (accuracy against length, one line per method,
@@ -188,7 +189,7 @@ def lengths_of(run, args) -> list:
 
 def parser():
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", nargs="*", help="run folders (default: every run under runs/)")
+    p.add_argument("runs", nargs="*", help="run folders (default: every run under runs/); with --combine, results.json files")
     p.add_argument("--lengths", type=parse_lengths, default=None, help="e.g. 1-32 or 2,4,8 (default: the task's shortest to 2x the training length)")
     p.add_argument("--paper-lengths", action="store_true", help="the paper's ranges: %s"
                    % {name: task.paper_eval_lengths for name, task in TASKS.items()})
@@ -197,12 +198,16 @@ def parser():
     p.add_argument("--seed", type=int, default=1234, help="which problems (a separate stream from training's)")
     p.add_argument("--batch-size", type=positive, default=64, help="problems decoded together (default 64)")
     p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--combine", action="store_true", help="the positional arguments are results.json files of earlier "
+                   "evaluations: write them as one table and plot into --out, evaluating nothing")
     p.add_argument("--out", default=None, help="the folder to write (default: a new runs/eval/<date-time>/; reproduce.sh: results/)")
     return p
 
 
 def main(argv=None):
     args = parser().parse_args(argv)
+    if args.combine:
+        return combine(args.runs, args.out)
     runs = args.runs or sorted(os.path.dirname(c) for c in glob.glob("runs/*/config.json") if is_finetune(c))
     out = args.out or os.path.join("runs", "eval", time.strftime("%Y-%m-%d_%H%M%S"))
     if not runs:
@@ -225,6 +230,24 @@ def main(argv=None):
         print(f"wrote {out}/results.json, results.md and " + ", ".join(f"{t}.png" for t in sorted({r['task'] for r in results})))
     if failed:
         sys.exit(2)  # each failure was reported on its own line above
+
+
+def combine(files, out):
+    """One table and plot from evaluations made separately (their results.json), nothing recomputed."""
+    if not files or not out:
+        fail("--combine needs results.json files and --out")
+    results = []
+    for path in files:
+        try:
+            with open(path) as f:
+                results += json.load(f)["runs"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            fail(f"{path}: not a results.json written by eval.py ({e})")
+    if os.path.exists(out) and not os.path.isdir(out):
+        fail(f"--out {out} is a file, not a folder")
+    os.makedirs(out, exist_ok=True)
+    print(write(results, out))
+    print(f"wrote {out}/results.json, results.md and the plots")
 
 
 def is_finetune(config_path) -> bool:

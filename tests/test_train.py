@@ -192,6 +192,11 @@ def test_eval_writes_results_json_a_table_and_one_plot_per_task(tmp_path, capsys
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())  # what training cost
     assert summary["steps"] == 2 and summary["examples_seen"] == 16 and summary["peak_rss_mib"] > 50
     assert results[0]["training"] == summary and results[0]["out_of_distribution"] is None  # 1-3 <= 6
+    other = {**results[0], "method": "baseline"}  # as if a second run had been evaluated another day
+    (tmp_path / "other.json").write_text(json.dumps({"runs": [other]}))
+    evaluation.main(["--combine", str(tmp_path / "res" / "results.json"), str(tmp_path / "other.json"), "--out", str(tmp_path / "both")])
+    md = (tmp_path / "both" / "results.md").read_text()
+    assert "| parity | retuning | 6 |" in md and "| parity | baseline | 6 |" in md and (tmp_path / "both" / "parity.png").exists()
 
 
 def test_eval_goes_on_past_a_bad_run_and_refuses_bad_lengths_in_one_line(tmp_path, capsys):
