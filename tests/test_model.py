@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from model import KVCache, Llama, ModelArgs
+from model import KVCache, Llama, ModelArgs, attend
 
 # ----------------------------------------------------------------------------- tiny models
 TINY = dict(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -157,6 +157,15 @@ def test_bfloat16_logits_are_as_close_to_float32_as_transformers_own_bfloat16(hf
     ours_err, hf_err = (ours - exact).abs().max().item(), (hf_logits(hf16, TOKENS) - exact).abs().max().item()
     print(f"max |bf16 - float32| logit: ours {ours_err:.4f}, transformers {hf_err:.4f}")
     assert ours_err <= hf_err
+
+
+def test_cpu_bf16_attention_runs_in_float32_even_under_autocast():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 9, 16, generator=g).to(torch.bfloat16) for _ in range(3))
+    exact = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+    with torch.autocast("cpu", torch.bfloat16):  # autocast alone would cast float32 inputs back to bf16
+        y = attend(q, k, v)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, exact.to(torch.bfloat16))
 
 
 def test_a_bfloat16_checkpoint_loads_as_bfloat16_by_default(hf_model, tmp_path):
