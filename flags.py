@@ -42,6 +42,11 @@ def positive_float(text) -> float:
     return value
 
 
+def non_negative_float(text) -> float:
+    """A finite number >= 0 (a weight decay)."""
+    return 0.0 if text.strip() in ("0", "0.0") else positive_float(text)
+
+
 def fraction(text) -> float:
     """A number in [0, 1): a dropout or a share of the data."""
     value = positive_float(text) if text.strip() not in ("0", "0.0") else 0.0

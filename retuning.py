@@ -21,7 +21,7 @@ import torch
 
 from checkpoint import Tokenizer
 from data import show, token_table
-from flags import Parser, device, fraction, non_negative, positive, positive_float
+from flags import Parser, device, fraction, non_negative, non_negative_float, positive, positive_float
 from decoder import decode, eval_limits, format_trace
 from lora import TARGETS
 from positions import SCHEMES, Positions
@@ -153,7 +153,7 @@ def optimisation_flags(t, steps, batch, lr):
     g.add_argument("--lr", type=positive_float, default=lr, help="peak learning rate (AdamW)")
     g.add_argument("--schedule", choices=["cosine", "constant"], default="cosine", help="after warm-up: cosine to 10%% of --lr, or constant (the paper's)")
     g.add_argument("--warmup", type=non_negative, default=50, help="steps of linear warm-up")
-    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    g.add_argument("--weight-decay", type=non_negative_float, default=0.01, help="AdamW weight decay")
     g.add_argument("--clip", type=positive_float, default=1.0, help="gradient-norm clipping")
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward: memory for time")
     g.add_argument("--bf16", action="store_true", help="bfloat16 weights and autocast on the CPU too (always on CUDA)")

@@ -134,7 +134,7 @@ def test_bad_run_folders_and_flags_are_one_line_errors_and_change_nothing(tmp_pa
     assert (tmp_path / "notes" / "todo.txt").read_text() == "mine" and sorted(os.listdir(lora_base)) == before
     assert not (tmp_path / "new").exists() and not (tmp_path / "x").exists()
     for flag, value in [("--steps", "0"), ("--save-every", "0"), ("--max-len", "-2"), ("--lora-r", "0"),
-                        ("--lora-targets", "qproj"), ("--lr", "abc")]:
+                        ("--lora-targets", "qproj"), ("--lr", "abc"), ("--weight-decay", "nan"), ("--weight-decay", "-1")]:
         capsys.readouterr()
         with pytest.raises(SystemExit) as e:
             retuning.main(["train", *TINY, flag, value, "--out", str(tmp_path / "y")])
