@@ -55,6 +55,18 @@ def write_json(path, obj):
     atomic_write(path, lambda f: write_text(f, json.dumps(obj, indent=2)))
 
 
+def read_json_object(path) -> dict:
+    """A JSON file that must hold an object (a config), refused with one line naming the file."""
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(obj).__name__}")
+    return obj
+
+
 # ----------------------------------------------------------------------------- config.json
 SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
          "intermediate_size", "vocab_size", "max_position_embeddings")
@@ -122,14 +134,7 @@ def read_args(path) -> ModelArgs:
     cfg_file = os.path.join(path, "config.json")
     if not os.path.exists(cfg_file):
         raise CheckpointError(f"{path}: no config.json")
-    try:
-        with open(cfg_file) as f:
-            cfg = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{cfg_file}: expected a JSON object")
-    return args_from_hf(cfg)
+    return args_from_hf(read_json_object(cfg_file))
 
 
 # ----------------------------------------------------------------------------- weights

@@ -9,7 +9,6 @@ update. Re-Tuning fine-tunes LLaMA this way (paper Sec. 4: r=64, alpha=64, dropo
 q, k, v, o). Adapters are saved alone, in PEFT's layout, so `peft.PeftModel.from_pretrained` puts
 ours on a transformers model and ours loads theirs.
 """
-import json
 import math
 import os
 
@@ -18,7 +17,7 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from checkpoint import atomic_write, hf_key, state_mismatches, write_json
+from checkpoint import atomic_write, hf_key, read_json_object, state_mismatches, write_json
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -140,13 +139,7 @@ def load_adapter(model, path):
 def read_adapter_config(path) -> dict:
     """adapter_config.json, refused with one line naming what is missing or unsupported."""
     file = os.path.join(path, "adapter_config.json")
-    try:
-        with open(file) as f:
-            cfg = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file}: not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{file}: expected a JSON object")
+    cfg = read_json_object(file)
     missing = [repr(k) for k in ("r", "lora_alpha", "target_modules") if k not in cfg]
     if missing:
         raise ValueError(f"{file}: missing {', '.join(missing)}")

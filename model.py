@@ -224,13 +224,7 @@ class KVCache:
             raise ValueError(f"KV cache overflow: a sequence would exceed max_len={self.max_len}")
         start = torch.tensor([self.length[s] for s in slots])
         pos = start[:, None] + torch.arange(T)[None, :]  # (B, T)
-        rope = pos.clone()
-        for b, (s, n) in enumerate(zip(slots, n_new)):  # slots with their own position ids; padding keeps the index
-            own, at = self.positions[s], self.length[s]
-            if own is not None:
-                if at + n > len(own):
-                    raise ValueError(f"slot {s} has position ids for {len(own)} tokens, not {at + n}")
-                rope[b, :n] = own[at:at + n]
+        rope = self.own_positions(slots, n_new, pos)
         for s, n in zip(slots, n_new):  # pages for the new tokens, which the slot holds from now on
             while len(self.pages[s]) * P < self.length[s] + n:
                 self.pages[s].append(self.new_page())
@@ -244,6 +238,20 @@ class KVCache:
         wpos, dev = pos[rows, ts], self.k.device
         return Step(pos.to(dev), rope.to(dev), table.to(dev), table[rows, wpos // P].to(dev), (wpos % P).to(dev),
                     rows.to(dev), ts.to(dev), mask.to(dev))
+
+    def own_positions(self, slots, n_new, pos):
+        """RoPE position ids of the new tokens: `pos` (their index) unless a slot has its own ids
+        (padding keeps the index). Contiguous decoding, the usual case, copies nothing."""
+        if all(self.positions[s] is None for s in slots):
+            return pos
+        rope = pos.clone()
+        for b, (s, n) in enumerate(zip(slots, n_new)):
+            own, at = self.positions[s], self.length[s]
+            if own is not None:
+                if at + n > len(own):
+                    raise ValueError(f"slot {s} has position ids for {len(own)} tokens, not {at + n}")
+                rope[b, :n] = own[at:at + n]
+        return rope
 
     def update(self, layer: int, step: Step, k, v):
         """Store the new (B, h, T, hd) keys/values of real tokens; return each row's full prefix."""

@@ -15,7 +15,7 @@ import shutil
 
 import torch
 
-from checkpoint import Tokenizer, atomic_write, check_vocabulary, write_json, write_text
+from checkpoint import Tokenizer, atomic_write, check_vocabulary, read_json_object, write_json, write_text
 from lora import load_adapter, lora_layers, save_adapter
 from model import Llama
 from tasks import METHODS, TASKS
@@ -75,8 +75,7 @@ def claim(run, base, resume=False, overwrite=False):
 
 def check_resume(run, record: dict):
     """Refuse to resume a run with a different config, naming the keys, before writing anything."""
-    with open(os.path.join(run, "config.json")) as f:
-        stored = {**ADDED_KEYS, **json.load(f)}
+    stored = {**ADDED_KEYS, **read_json_object(os.path.join(run, "config.json"))}
     record = json.loads(json.dumps(record))  # tuples as lists, as stored
     keys = sorted(k for k in set(stored) | set(record) if k not in MAY_CHANGE_ON_RESUME and stored.get(k) != record.get(k))
     if keys:
@@ -157,13 +156,7 @@ def read_run_config(run) -> dict:
         raise FileNotFoundError(f"{run}: no such run folder")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{run}: no config.json, so not a run folder written by `train`")
-    try:
-        with open(path) as f:
-            cfg = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{path}: expected a JSON object, found {type(cfg).__name__}")
+    cfg = read_json_object(path)
     if "architectures" in cfg or "model_type" in cfg:
         raise ValueError(f"{run} is a base model, not a run: fine-tune it with `python retuning.py train --base {run}`")
     if cfg.get("command") == "pretrain":
