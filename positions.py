@@ -11,8 +11,14 @@ Zhu et al., ICLR 2024, PoSE position skips). The schemes, the same for every met
 - `gaps`: in training, a random gap of 0..max_gap extra positions wherever the loss mask flips
   (prompt -> completion -> returned value -> ...), so offsets across segments vary; contiguous
   at test;
+- `stretched`: in training *and* at test, every step from one token to the next is 1 + a random
+  0..max_gap, drawn independently: a distance in positions says only roughly how many tokens lie
+  between, and the statistics are the same in a context of any length;
 - `randomized`: in training *and* at test, each context's positions are a sorted random subset
-  of 0..span-1 (Ruoss et al.), so no absolute or relative distance reveals a length.
+  of 0..span-1 (Ruoss et al.), so no absolute or relative distance reveals a length. A context
+  of n tokens is drawn as the first n of a subset of 2n + 16 (the decoder's budget for it,
+  decoder.eval_limits), so ids are as dense in training as at test: measured, a model trained on
+  one density and tested on a 2x denser one fails even in distribution.
 
 Draws come from generators seeded by the training step or by the problem, never from the global
 RNG: a resumed run draws what an uninterrupted one would, and both decoders agree.
@@ -23,13 +29,13 @@ from typing import Optional
 
 import torch
 
-SCHEMES = ("contiguous", "gaps", "randomized")
+SCHEMES = ("contiguous", "gaps", "stretched", "randomized")
 
 
 @dataclass(frozen=True)
 class Positions:
     scheme: str = "contiguous"
-    max_gap: int = 12  # gaps: the largest extra gap at a segment boundary
+    max_gap: int = 12  # gaps: the largest extra gap at a segment boundary; stretched: between tokens
     span: int = 1024  # randomized: positions are drawn from range(span)
 
     def __post_init__(self):
@@ -47,10 +53,10 @@ class Positions:
         if self.scheme == "contiguous":
             return None
         g = torch.Generator().manual_seed(seed)
+        if self.scheme == "stretched":
+            return torch.stack([self.stretch(T, g) for _ in masks])
         if self.scheme == "randomized":
-            if T > self.span:
-                raise ValueError(f"a {T}-token training context cannot draw distinct positions from span {self.span}")
-            return torch.stack([self.draw(T, g) for _ in masks])
+            return torch.stack([self.subset_row(len(mask), T, g) for mask in masks])
         rows = []
         for mask in masks:
             step = torch.ones(T, dtype=torch.long)
@@ -61,12 +67,25 @@ class Positions:
 
     def for_context(self, problem: str, k: int, n: int) -> Optional[torch.Tensor]:
         """Positions of the first n tokens of the k-th context a problem opens, at test; None when
-        test positions are contiguous. Seeded by (problem, k), so every decoder draws the same."""
-        if self.scheme != "randomized":
+        test positions are contiguous. Seeded by (problem, k), so every decoder draws the same.
+        n is the decoder's budget for the context (about twice its true length)."""
+        if self.scheme not in ("stretched", "randomized"):
             return None
+        g = torch.Generator().manual_seed(zlib.crc32(f"{problem}/{k}".encode()))
+        return self.stretch(n, g) if self.scheme == "stretched" else self.subset(n, g)
+
+    def stretch(self, n, g) -> torch.Tensor:
+        """0, then steps of 1 + uniform 0..max_gap."""
+        step = 1 + torch.randint(0, self.max_gap + 1, (n,), generator=g)
+        return torch.cumsum(step, 0) - step[0]
+
+    def subset(self, n, g) -> torch.Tensor:
         if n > self.span:
             raise ValueError(f"a context of up to {n} tokens cannot draw distinct positions from span {self.span}")
-        return self.draw(n, torch.Generator().manual_seed(zlib.crc32(f"{problem}/{k}".encode())))
-
-    def draw(self, n, g) -> torch.Tensor:
         return torch.randperm(self.span, generator=g)[:n].sort().values
+
+    def subset_row(self, length, T, g) -> torch.Tensor:
+        """A training row of `length` tokens in a batch of width T, drawn as the decoder would draw
+        it (from a budget of 2 * length + 16); padding continues past the row's last id."""
+        ids = self.subset(2 * length + 16, g)[:T]
+        return torch.cat([ids, ids[-1] + 1 + torch.arange(T - len(ids))])

@@ -122,9 +122,10 @@ def model_flags(t, base):
     g.add_argument("--n-layers", type=positive, default=4, help="scratch model depth")
     g.add_argument("--n-heads", type=positive, default=4, help="scratch model heads")
     g.add_argument("--positions", choices=SCHEMES, default="contiguous",
-                   help="position ids (positions.py): 'gaps' at segment boundaries in training, or 'randomized' "
-                        "sorted random ids in training and at test, so no distance reveals a length (issue 10)")
-    g.add_argument("--max-gap", type=non_negative, default=12, help="--positions gaps: largest extra gap at a boundary")
+                   help="position ids (positions.py, issue 10): 'gaps' at segment boundaries in training; 'stretched' "
+                        "random steps between tokens, or 'randomized' sorted random ids, in training and at test")
+    g.add_argument("--max-gap", type=non_negative, default=12,
+                   help="largest extra step: at a segment boundary (gaps), between two tokens (stretched)")
     g.add_argument("--position-span", type=positive, default=1024, help="--positions randomized: ids drawn from 0..span-1")
     g.add_argument("--full", action="store_true", help="fine-tune every weight instead of LoRA")
     g.add_argument("--lora-r", type=positive, default=64, help="LoRA rank (the paper: 64)")

@@ -30,6 +30,7 @@ from decoder import decode, eval_limits
 from lora import TARGETS, apply_lora
 from model import Llama, ModelArgs
 from positions import Positions
+from probe import quick as probe_base
 from runs import EMBEDDED_TOKENIZER, check_resume, export, resolve, resume, save_checkpoint, uses_bf16, write_summary
 from tasks import TASKS, context_ids
 
@@ -118,7 +119,7 @@ def pretrain_base(cfg: PretrainConfig) -> str:
     data = [context_ids(tok, segs) for segs in pretrain.corpus(cfg.seed, cfg.n_examples)]
 
     def probe(model, step):  # how well the base copies, short and long
-        scores = pretrain.check(model, tok, n=60)
+        scores = probe_base(model, tok, cfg.position_ids)
         tqdm.write(f"step {step}: {scores}")
         return {"probe": scores}
     fit(cfg, model, data, probe, {"command": "pretrain", **asdict(cfg), "model": vars(model.args)})

@@ -42,6 +42,26 @@ def test_randomized_ids_are_sorted_distinct_inside_the_span_and_seeded_by_proble
         r.for_context("12 + 34", 0, 65)
 
 
+def test_stretched_steps_are_1_to_1_plus_max_gap_in_training_and_at_test_whatever_the_length():
+    s = Positions("stretched", max_gap=3)
+    for row in list(s.for_batch(MASKS, 10, seed=1)) + [s.for_context("12 + 34", 0, 400)]:
+        step = row[1:] - row[:-1]
+        assert row[0] == 0 and step.min() >= 1 and step.max() <= 4
+    long = s.for_context("12 + 34", 0, 400)
+    assert set((long[1:] - long[:-1]).tolist()) == {1, 2, 3, 4}
+    # a context's ids do not depend on the decoder's budget for it: a longer budget extends them
+    assert torch.equal(s.for_context("12 + 34", 0, 40), long[:40])
+    assert not torch.equal(long, s.for_context("12 + 34", 1, 400))
+
+
+def test_randomized_training_rows_are_as_dense_as_the_decoder_draws_them():
+    r = Positions("randomized")
+    short, long = r.for_batch([[0] * 5, [0] * 30], 30, seed=0)
+    assert (short[1:] > short[:-1]).all() and (long[1:] > long[:-1]).all()  # padding continues upward
+    # a 5-token row is drawn from a budget of 26 ids, like the decoder's, not from the batch's width
+    assert short[4] > 2 * long[4]
+
+
 def test_a_run_records_its_scheme_and_training_with_it_is_deterministic(tmp_path):
     tiny = ["train", "--task", "addition", "--base", "scratch", "--dim", "32", "--n-layers", "2", "--n-heads", "2",
             "--batch-size", "8", "--n-examples", "64", "--eval-every", "0", "--steps", "3", "--lora-dropout", "0"]

@@ -85,3 +85,18 @@ def test_the_committed_base_loads_and_copies_what_it_was_pretrained_on():
     model = Llama.from_pretrained(base)
     scores = pretrain.check(model, Tokenizer(f"{base}/tokenizer.model"), n=60, seed=11)
     assert len(scores) >= 5 and sum(scores.values()) / len(scores) >= 0.9, scores
+
+
+def test_pretrain_probes_with_its_own_positions_and_exports_a_loadable_base(tmp_path):
+    import json
+
+    import retuning
+    from model import Llama
+    retuning.main(["pretrain", "--dim", "32", "--n-layers", "1", "--n-heads", "2", "--n-examples", "64",
+                   "--batch-size", "8", "--steps", "2", "--eval-every", "2", "--positions", "stretched", "--max-gap", "2",
+                   "--out", str(tmp_path / "run"), "--export", str(tmp_path / "base")])
+    probes = [r["probe"] for r in map(json.loads, open(tmp_path / "run" / "metrics.jsonl")) if "probe" in r]
+    assert probes and set(probes[0]) >= {"copy 16", "drop 8+8", "drop 8+8 gap 1"}
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (cfg["positions"], cfg["max_gap"]) == ("stretched", 2)
+    assert Llama.from_pretrained(str(tmp_path / "base")).args.dim == 32
