@@ -20,14 +20,20 @@ Zhu et al., ICLR 2024, PoSE position skips). The schemes, the same for every met
   decoder.eval_limits), so ids are as dense in training as at test: measured, a model trained on
   one density and tested on a 2x denser one fails even in distribution.
 
+A base pretrained with a scheme keeps it in its folder (positions.json), and a fine-tune of that
+base uses it unless told otherwise: a base that never saw contiguous ids should not meet them.
+
 Draws come from generators seeded by the training step or by the problem, never from the global
 RNG: a resumed run draws what an uninterrupted one would, and both decoders agree.
 """
+import os
 import zlib
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+from checkpoint import read_json_object, write_json
 
 SCHEMES = ("contiguous", "gaps", "stretched", "randomized")
 
@@ -46,6 +52,16 @@ class Positions:
     def of_run(cls, cfg: dict) -> "Positions":
         """The scheme a run was trained with, from its config.json (runs before it existed: contiguous)."""
         return cls(cfg.get("positions", "contiguous"), cfg.get("max_gap", 12), cfg.get("position_span", 1024))
+
+    @classmethod
+    def of_base(cls, folder) -> "Positions":
+        """The scheme a base was pretrained with (positions.json; none: contiguous, as any HF model)."""
+        path = os.path.join(folder, "positions.json")
+        return cls.of_run(read_json_object(path)) if os.path.isfile(path) else cls()
+
+    def save(self, folder):
+        write_json(os.path.join(folder, "positions.json"),
+                   {"positions": self.scheme, "max_gap": self.max_gap, "position_span": self.span})
 
     def for_batch(self, masks: list, T: int, seed: int) -> Optional[torch.Tensor]:
         """(B, T) positions of a training batch (rows' loss masks, right-padded to T); None for

@@ -25,20 +25,30 @@ from flags import Parser, device, fraction, non_negative, non_negative_float, po
 from decoder import decode, eval_limits, format_trace
 from lora import TARGETS
 from positions import SCHEMES, Positions
-from runs import EMBEDDED_BASE, EMBEDDED_TOKENIZER, SMOLLM2_DIR, claim, load_run, read_run_config
+from runs import EMBEDDED_BASE, EMBEDDED_TOKENIZER, SMOLLM2_DIR, claim, load_run, read_run_config, resolve
 from tasks import METHODS, TASKS
 from train import FinetuneConfig, PretrainConfig, finetune, pretrain_base
 
 
 # ----------------------------------------------------------------------------- commands
 def train(args):
+    inherit_positions(args)
     finetune(resolve_config(FinetuneConfig, args, f"{args.task}-{args.method}",
                             max_len=args.max_len or TASKS[args.task].train_len,
                             lora_targets=tuple(args.lora_targets.split(","))))
 
 
 def pretrain(args):
+    inherit_positions(args)
     pretrain_base(resolve_config(PretrainConfig, args, "pretrain"))
+
+
+def inherit_positions(args):
+    """Position flags not given take the base's own scheme (positions.json), else the defaults."""
+    own = Positions.of_base(resolve(args.base)) if args.base != "scratch" and os.path.isdir(resolve(args.base)) else Positions()
+    args.positions = args.positions or own.scheme
+    args.max_gap = own.max_gap if args.max_gap is None else args.max_gap
+    args.position_span = own.span if args.position_span is None else args.position_span
 
 
 def resolve_config(cls, args, name, **resolved):
@@ -121,12 +131,13 @@ def model_flags(t, base):
     g.add_argument("--dim", type=positive, default=128, help="scratch model width")
     g.add_argument("--n-layers", type=positive, default=4, help="scratch model depth")
     g.add_argument("--n-heads", type=positive, default=4, help="scratch model heads")
-    g.add_argument("--positions", choices=SCHEMES, default="contiguous",
+    g.add_argument("--positions", choices=SCHEMES, default=None,
                    help="position ids (positions.py, issue 10): 'gaps' at segment boundaries in training; 'stretched' "
-                        "random steps between tokens, or 'randomized' sorted random ids, in training and at test")
-    g.add_argument("--max-gap", type=non_negative, default=12,
-                   help="largest extra step: at a segment boundary (gaps), between two tokens (stretched)")
-    g.add_argument("--position-span", type=positive, default=1024, help="--positions randomized: ids drawn from 0..span-1")
+                        "random steps between tokens, or 'randomized' sorted random ids, in training and at test "
+                        "(default: the base's own, from its positions.json; else contiguous)")
+    g.add_argument("--max-gap", type=non_negative, default=None,
+                   help="largest extra step: at a segment boundary (gaps), between two tokens (stretched) (default: 12)")
+    g.add_argument("--position-span", type=positive, default=None, help="--positions randomized: ids drawn from 0..span-1 (default: 1024)")
     g.add_argument("--full", action="store_true", help="fine-tune every weight instead of LoRA")
     g.add_argument("--lora-r", type=positive, default=64, help="LoRA rank (the paper: 64)")
     g.add_argument("--lora-alpha", type=positive_float, default=64, help="LoRA scale numerator: updates are scaled by alpha / r")

@@ -123,6 +123,7 @@ def pretrain_base(cfg: PretrainConfig) -> str:
         tqdm.write(f"step {step}: {scores}")
         return {"probe": scores}
     fit(cfg, model, data, probe, {"command": "pretrain", **asdict(cfg), "model": vars(model.args)})
+    cfg.position_ids.save(os.path.join(cfg.run, "model"))  # its fine-tunes inherit the scheme
     if cfg.export:
         replace_folder(os.path.join(cfg.run, "model"), cfg.export)
     print(f"saved the pretrained base to {cfg.export or os.path.join(cfg.run, 'model')}")

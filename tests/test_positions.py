@@ -71,3 +71,15 @@ def test_a_run_records_its_scheme_and_training_with_it_is_deterministic(tmp_path
     assert loss["a"] == loss["b"] and loss["a"][1:] != loss["c"][1:]  # step 1's weights are equal: the same first loss
     cfg = json.loads((tmp_path / "a" / "config.json").read_text())
     assert Positions.of_run(cfg) == Positions("gaps") and Positions.of_run({}) == Positions()
+
+
+def test_a_fine_tune_inherits_its_bases_scheme_unless_told_otherwise(tmp_path):
+    tiny = ["--dim", "32", "--n-layers", "1", "--n-heads", "2", "--batch-size", "8", "--n-examples", "16",
+            "--eval-every", "0", "--steps", "1"]
+    retuning.main(["pretrain", *tiny, "--positions", "stretched", "--max-gap", "2", "--out", str(tmp_path / "pt")])
+    base = str(tmp_path / "pt" / "model")
+    assert Positions.of_base(base) == Positions("stretched", max_gap=2)
+    for name, extra, want in [("own", [], Positions("stretched", 2)), ("told", ["--positions", "gaps"], Positions("gaps", 2)),
+                              ("gap", ["--max-gap", "3"], Positions("stretched", 3))]:
+        retuning.main(["train", *tiny, "--base", base, "--out", str(tmp_path / name), *extra])
+        assert Positions.of_run(json.loads((tmp_path / name / "config.json").read_text())) == want

@@ -1,14 +1,11 @@
 """The pretraining corpus of the embedded base. Run: python -m pytest tests/test_pretrain.py -q"""
 import ast
-import random
 import re
 
-import torch
 
 import pretrain
 from checkpoint import Tokenizer
-from runs import EMBEDDED_BASE, EMBEDDED_TOKENIZER, resolve
-from tasks import prompt_ids
+from runs import EMBEDDED_BASE, resolve
 
 
 def test_the_corpus_is_deterministic_and_seed_dependent():
@@ -45,32 +42,6 @@ def test_the_corpus_holds_no_multi_step_algorithm():
             assert (0 <= a <= 9 and 0 <= b <= 9) or (-5 <= a <= 5 and 0 <= b <= 60)
 
 
-class Oracle(torch.nn.Module):
-    """Emits the true completion of whichever known prompt it is given, then EOS."""
-
-    def __init__(self, tok, items, perfect=True):
-        super().__init__()
-        self.tok, self.perfect = tok, perfect
-        self.known = [(prompt_ids(tok, p), tok.encode(w) + [tok.eos_id]) for p, w in items]
-
-    def forward(self, ids):
-        ids = ids[0].tolist()
-        prompt, target = next((p, t) for p, t in self.known if ids[:len(p)] == p)
-        i = len(ids) - len(prompt)
-        logits = torch.zeros(1, len(ids), self.tok.vocab_size)
-        logits[0, -1, target[i] if self.perfect and i < len(target) else self.tok.eos_id] = 1.0
-        return logits
-
-
-def test_the_copy_check_scores_a_perfect_copier_1_and_a_mute_model_0():
-    tok = Tokenizer(EMBEDDED_TOKENIZER)
-    rng = random.Random("probe/5")  # the items check() will draw
-    items = [pretrain.edit_item(rng) for _ in range(40)]
-    scores = pretrain.check(Oracle(tok, items), tok, n=40)
-    assert set(scores.values()) == {1.0} and {"copy short", "drop long"} <= set(scores)
-    assert set(pretrain.check(Oracle(tok, items, perfect=False), tok, n=40).values()) == {0.0}
-
-
 def test_word_items_carry_no_digits_and_cover_every_word():
     vocab = set(pretrain.WORDS)
     words = [c for p, c in pretrain.corpus(6, 3000) if p.startswith("Copy ") and set(c.split(" ")) <= vocab]
@@ -79,12 +50,14 @@ def test_word_items_carry_no_digits_and_cover_every_word():
 
 
 def test_the_committed_base_loads_and_copies_what_it_was_pretrained_on():
-    """assets/base, the default --base of `train`: fresh copy / drop / put / first items, exact match."""
+    """assets/base, the default --base of `train`: fresh copies and drop-firsts, in its own positions."""
+    import probe
     from model import Llama
+    from positions import Positions
     base = resolve(EMBEDDED_BASE)
     model = Llama.from_pretrained(base)
-    scores = pretrain.check(model, Tokenizer(f"{base}/tokenizer.model"), n=60, seed=11)
-    assert len(scores) >= 5 and sum(scores.values()) / len(scores) >= 0.9, scores
+    scores = probe.quick(model, Tokenizer(f"{base}/tokenizer.model"), Positions.of_base(base), count=30, seed=11)
+    assert min(scores["copy 16"], scores["drop 8+8"]) >= 0.9, scores
 
 
 def test_pretrain_probes_with_its_own_positions_and_exports_a_loadable_base(tmp_path):
