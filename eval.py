@@ -99,8 +99,9 @@ def evaluate(run, lengths, per_length, seed, batch_size, device, n_failures=3, b
     summary = os.path.join(run, "summary.json")  # what training cost (runs.write_summary)
     if by_step:  # where it breaks: each step teacher-forced (steps.py)
         by_step = steps.by_step(model, tok, task, method, lengths, per_length, seed, batch_size, pos)
-        print(steps.table(task, method, by_step))
+        print(steps.table(f"{task} {method}", by_step))
     return {"by_step": by_step or None, "run": run, "task": task, "method": method, "train_length": cfg["train_length"],
+            "positions": pos.describe(),
             "accuracy": acc, "count": count, "seconds": round(dt, 1), "generated_tokens": n_tokens,
             "in_distribution": sum(ind) / len(ind) if ind else None,
             "out_of_distribution": sum(ood) / len(ood) if ood else None,
@@ -109,12 +110,16 @@ def evaluate(run, lengths, per_length, seed, batch_size, device, n_failures=3, b
 
 def table(results) -> str:
     lengths = sorted({int(L) for r in results for L in r["accuracy"]})
-    head = "| task | method | train ≤ | " + " | ".join(map(str, lengths)) + " |"
-    rows = [head, "|" + "---|" * (3 + len(lengths))]
+    head = "| task | method | positions | train ≤ | " + " | ".join(map(str, lengths)) + " |"
+    rows = [head, "|" + "---|" * (4 + len(lengths))]
     for r in results:
         cells = [f"{100 * r['accuracy'][str(L)]:.0f}" if str(L) in r["accuracy"] else "" for L in lengths]
-        rows.append(f"| {r['task']} | {r['method']} | {r['train_length']} | " + " | ".join(cells) + " |")
+        rows.append(f"| {r['task']} | {r['method']} | {positions(r)} | {r['train_length']} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
+
+
+def positions(r) -> str:
+    return r.get("positions", "contiguous")  # evaluations from before position schemes: contiguous
 
 
 def pct(x) -> str:
@@ -125,19 +130,19 @@ def comparison(results) -> str:
     """Mean accuracy in and beyond the training lengths, what training cost, and Re-Tuning's
     out-of-distribution margin over each other method (the paper reports +37.4 over the baseline
     and +34.5 over the scratchpad for LLaMA 7B, averaged over the three tasks)."""
-    rows = ["| task | method | in distribution | out of distribution | Re-Tuning margin (OOD) | "
+    rows = ["| task | method | positions | in distribution | out of distribution | Re-Tuning margin (OOD) | "
             "training minutes | steps | tokens per training sequence (mean / max) | peak RSS (MiB) |",
-            "|" + "---|" * 9]
+            "|" + "---|" * 10]
     margins = {}
-    for r in results:
-        rt = [x for x in results if x["task"] == r["task"] and x["method"] == "retuning"]
+    for r in results:  # the margin is over the Re-Tuning run of the same task and position scheme
+        rt = [x for x in results if (x["task"], x["method"], positions(x)) == (r["task"], "retuning", positions(r))]
         margin = None
         if rt and r["method"] != "retuning" and r["out_of_distribution"] is not None:
             margin = rt[0]["out_of_distribution"] - r["out_of_distribution"]
             margins.setdefault(r["method"], []).append(margin)
         t = r.get("training") or {}
         tps = t.get("tokens_per_sequence", {})
-        rows.append(f"| {r['task']} | {r['method']} | {pct(r['in_distribution'])} | {pct(r['out_of_distribution'])} | "
+        rows.append(f"| {r['task']} | {r['method']} | {positions(r)} | {pct(r['in_distribution'])} | {pct(r['out_of_distribution'])} | "
                     f"{'' if margin is None else f'{100 * margin:+.1f}'} | {t.get('minutes', '')} | {t.get('steps', '')} | "
                     f"{tps.get('mean', '')} / {tps.get('max', '')} | {t.get('peak_rss_mib', '')} |")
     for method, m in sorted(margins.items()):
@@ -172,7 +177,8 @@ def write(results, out):
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({"runs": results}, f, indent=1)
     md = table(results) + "\n\n" + comparison(results)
-    md += "".join("\n\n" + steps.table(r["task"], r["method"], r["by_step"]) for r in results if r["by_step"])
+    md += "".join("\n\n" + steps.table(f"{r['task']} {r['method']} ({positions(r)})", r["by_step"])
+                  for r in results if r["by_step"])
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(md + "\n")
     plot(results, out)

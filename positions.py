@@ -53,6 +53,11 @@ class Positions:
         """The scheme a run was trained with, from its config.json (runs before it existed: contiguous)."""
         return cls(cfg.get("positions", "contiguous"), cfg.get("max_gap", 12), cfg.get("position_span", 1024))
 
+    def describe(self) -> str:
+        """For tables: 'contiguous', 'gaps 0-12', 'stretched 1-3', 'randomized of 1024'."""
+        return {"contiguous": "contiguous", "gaps": f"gaps 0-{self.max_gap}", "stretched": f"stretched 1-{1 + self.max_gap}",
+                "randomized": f"randomized of {self.span}"}[self.scheme]
+
     @classmethod
     def of_base(cls, folder) -> "Positions":
         """The scheme a base was pretrained with (positions.json; none: contiguous, as any HF model)."""

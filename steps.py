@@ -98,10 +98,10 @@ def by_step(model, tok, task, method, lengths, per_length, seed, batch_size=32, 
     return out
 
 
-def table(task, method, acc: dict) -> str:
-    """Markdown: one row per length, one column per step."""
+def table(label, acc: dict) -> str:
+    """Markdown: one row per length, one column per step (label: what was measured, e.g. the run)."""
     labels = list(dict.fromkeys(k for row in acc.values() for k in row))
-    rows = [f"| {task} {method}: length | " + " | ".join(labels) + " |", "|" + "---|" * (1 + len(labels))]
+    rows = [f"| {label}: length | " + " | ".join(labels) + " |", "|" + "---|" * (1 + len(labels))]
     for L, row in acc.items():
         rows.append(f"| {L} | " + " | ".join(f"{100 * row[k]:.0f}" if k in row else "" for k in labels) + " |")
     return "\n".join(rows)

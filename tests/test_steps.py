@@ -59,6 +59,6 @@ def test_a_model_wrong_at_one_step_loses_only_that_step():
 
 
 def test_the_step_table_has_a_row_per_length_and_a_column_per_step():
-    md = steps.table("addition", "retuning", {"1": {"answer": 1.0}, "2": {"call": 0.5, "answer": 0.25}})
+    md = steps.table("addition retuning", {"1": {"answer": 1.0}, "2": {"call": 0.5, "answer": 0.25}})
     assert md.splitlines()[0] == "| addition retuning: length | answer | call |"
     assert md.splitlines()[3] == "| 2 | 25 | 50 |"

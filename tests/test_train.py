@@ -188,15 +188,16 @@ def test_eval_writes_results_json_a_table_and_one_plot_per_task(tmp_path, capsys
     assert [(r["task"], r["method"], r["train_length"]) for r in results] == [("parity", "retuning", 6)]
     assert set(results[0]["accuracy"]) == {"1", "2", "3"} and results[0]["count"] == {"1": 2, "2": 2, "3": 2}
     assert (tmp_path / "res" / "parity.png").stat().st_size > 1000
-    assert "| parity | retuning | 6 |" in (tmp_path / "res" / "results.md").read_text()
+    assert "| parity | retuning | contiguous | 6 |" in (tmp_path / "res" / "results.md").read_text()
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())  # what training cost
     assert summary["steps"] == 2 and summary["examples_seen"] == 16 and summary["peak_rss_mib"] > 50
     assert results[0]["training"] == summary and results[0]["out_of_distribution"] is None  # 1-3 <= 6
-    other = {**results[0], "method": "baseline"}  # as if a second run had been evaluated another day
+    # as if a second run had been evaluated before position schemes existed
+    other = {**{k: v for k, v in results[0].items() if k != "positions"}, "method": "baseline"}
     (tmp_path / "other.json").write_text(json.dumps({"runs": [other]}))
     evaluation.main(["--combine", str(tmp_path / "res" / "results.json"), str(tmp_path / "other.json"), "--out", str(tmp_path / "both")])
     md = (tmp_path / "both" / "results.md").read_text()
-    assert "| parity | retuning | 6 |" in md and "| parity | baseline | 6 |" in md and (tmp_path / "both" / "parity.png").exists()
+    assert "| parity | retuning | contiguous | 6 |" in md and "| parity | baseline | contiguous | 6 |" in md and (tmp_path / "both" / "parity.png").exists()
 
 
 def test_eval_goes_on_past_a_bad_run_and_refuses_bad_lengths_in_one_line(tmp_path, capsys):
@@ -234,7 +235,8 @@ def test_the_comparison_gives_re_tunings_margin_beyond_the_training_lengths():
     results = [{"task": "parity", "method": m, "train_length": 2, "in_distribution": 1.0, "training": None,
                 "out_of_distribution": (a[2] + a[3]) / 2} for m, a in acc.items()]
     md = evaluation.comparison(results)
-    assert "| parity | baseline | 100.0 | 10.0 | +70.0 |" in md and "| parity | scratchpad | 100.0 | 30.0 | +50.0 |" in md
+    assert "| parity | baseline | contiguous | 100.0 | 10.0 | +70.0 |" in md
+    assert "| parity | scratchpad | contiguous | 100.0 | 30.0 | +50.0 |" in md
     assert "Re-Tuning over baseline, out of distribution, mean over 1 task(s): +70.0 points" in md
 
 
