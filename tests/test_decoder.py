@@ -80,8 +80,9 @@ def test_the_batched_decoder_and_the_naive_oracle_produce_identical_tokens(train
     assert len({s.n_contexts for s in fast}) > 1, "problems should finish at different steps"
 
 
-def test_with_randomized_position_ids_the_batched_decoder_still_equals_the_oracle(trained):
-    problems, pos = mixed_problems()[:6], Positions("randomized", span=512)
+@pytest.mark.parametrize("pos", [Positions("randomized", span=512), Positions("stretched", max_gap=3)])
+def test_with_drawn_position_ids_the_batched_decoder_still_equals_the_oracle(trained, pos):
+    problems = mixed_problems()[:6]
     lim = Limits(max_new=24, max_context_len=96, max_depth=8, max_contexts=10)
     fast = decode(trained, TOK, "addition", "retuning", problems, lim, positions=pos)
     assert_same(fast, decode_naive(trained, TOK, "addition", "retuning", problems, lim, positions=pos))
