@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The paper's 3 x 3 comparison (tasks x methods) at small scale, in one command:
 #
-#   bash reproduce.sh                                   # the committed results/: ~1 h on a 2-core CPU
+#   bash reproduce.sh                                   # the committed results/: ~40 min on a 2-core CPU
 #   TASKS=addition OUT=/tmp/r bash reproduce.sh         # one task only
 #
 # Each (task, method) fine-tunes the same base (BASE, default the committed assets/base) with LoRA
@@ -19,7 +19,7 @@ OUT=${OUT:-results}
 BASE=${BASE:-assets/base}
 TASKS=${TASKS:-addition parity dp}
 PER_LENGTH=${PER_LENGTH:-50}
-export STEPS_addition=${STEPS_addition:-1500} STEPS_parity=${STEPS_parity:-1500} STEPS_dp=${STEPS_dp:-400}
+export STEPS_addition=${STEPS_addition:-1500} STEPS_parity=${STEPS_parity:-1500} STEPS_dp=${STEPS_dp:-250}
 POSITION_FLAGS=${POSITIONS:+--positions $POSITIONS}
 mkdir -p "$OUT/runs"
 
