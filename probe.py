@@ -1,7 +1,7 @@
 """What a base can do before fine-tuning: copy and drop-first by length, and the gap test.
 
-    python probe.py assets/base                          # the committed base
-    python probe.py runs/pretrain/model --positions randomized
+    python probe.py assets/base                          # the committed base, in its own positions
+    python probe.py assets/base --positions contiguous   # ... in positions it never saw
 
 Re-Tuning's call step is a copy (paper Sec. 3: the sub-problem is the problem with its first
 digit dropped), so a base whose copy works only by *position offset* cannot write calls longer
@@ -108,14 +108,17 @@ def markdown(out: dict) -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("base", help="an HF Llama folder with tokenizer.model (e.g. assets/base)")
-    ap.add_argument("--positions", choices=SCHEMES, default="contiguous", help="the base's test positions")
-    ap.add_argument("--position-span", type=int, default=1024)
+    ap.add_argument("--positions", choices=SCHEMES, default=None,
+                    help="test positions (default: the base's own, positions.json; else contiguous)")
     ap.add_argument("--per-length", type=int, default=50)
     args = ap.parse_args(argv)
     from checkpoint import Tokenizer
     from model import Llama
     model, tok = Llama.from_pretrained(args.base).eval(), Tokenizer(f"{args.base}/tokenizer.model")
-    print(markdown(report(model, tok, Positions(args.positions, span=args.position_span), args.per_length)))
+    own = Positions.of_base(args.base)
+    pos = own if args.positions in (None, own.scheme) else Positions(args.positions, own.max_gap, own.span)
+    print(f"{args.base}, positions: {pos.describe()}\n")
+    print(markdown(report(model, tok, pos, args.per_length)))
 
 
 if __name__ == "__main__":
