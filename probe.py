@@ -33,12 +33,21 @@ def digits(rng, n):
     return "".join(rng.choice("0123456789") for _ in range(n))
 
 
+def runs_of_digits(rng, n):
+    """n digits in runs of 2-5 equal ones ("7777300555..."): the hard case for a copy by content,
+    whose "the token after the one I just wrote" is ambiguous inside a run."""
+    out = ""
+    while len(out) < n:
+        out += rng.choice("0123456789") * rng.randint(2, 5)
+    return out[:n]
+
+
 def items(op, n, count, seed):
     """`count` (prompt, answer) pairs of one operation at size n, as pretrain.py words them."""
     rng, out = random.Random(f"probe/{op}/{n}/{seed}"), []
     for _ in range(count):
-        if op == "copy":
-            x = digits(rng, n)
+        if op in ("copy", "repeats"):
+            x = digits(rng, n) if op == "copy" else runs_of_digits(rng, n)
             out.append((f"Copy {x}\nAnswer: ", x))
         else:
             a, b = digits(rng, n), digits(rng, n)
@@ -76,10 +85,11 @@ def exact(model, tok, pairs, pos: Positions, gap=0) -> float:
 
 
 def report(model, tok, pos: Positions, count=50, seed=0) -> dict:
-    """{"copy": {n: acc}, "drop first": {k: acc}, "gap": {g: acc}} (the gap test: 8 + 8 drop-first
-    and 16-digit copy, where an unshifted base is right)."""
+    """{"copy": {n: acc}, "drop first": {k: acc}, "copy, runs of ...": {n: acc}, "gap: ...": {g: acc}}
+    (the gap test: 8 + 8 drop-first and 16-digit copy, where an unshifted base is right)."""
     out = {"copy": {n: exact(model, tok, items("copy", n, count, seed), pos) for n in COPY_LENGTHS},
-           "drop first": {k: exact(model, tok, items("drop", k, count, seed), pos) for k in PAIR_LENGTHS}}
+           "drop first": {k: exact(model, tok, items("drop", k, count, seed), pos) for k in PAIR_LENGTHS},
+           "copy, runs of repeated digits": {n: exact(model, tok, items("repeats", n, count, seed), pos) for n in COPY_LENGTHS}}
     for op, n in (("drop", 8), ("copy", 16)):
         name = f"gap: {'drop first 8 + 8' if op == 'drop' else 'copy 16'}"
         out[name] = {g: exact(model, tok, items(op, n, count, seed), pos, g) for g in GAPS}

@@ -1,4 +1,6 @@
 """Tests for probe.py, the base's copy and gap test. Run: python -m pytest tests/test_probe.py -q"""
+import re
+
 import torch
 
 import probe
@@ -36,6 +38,8 @@ def test_items_are_deterministic_and_their_answers_right():
     assert copies == probe.items("copy", 12, 5, seed=1) != probe.items("copy", 12, 5, seed=2)
     for prompt, want in copies:
         assert prompt == f"Copy {want}\nAnswer: " and len(want) == 12
+    for prompt, want in probe.items("repeats", 20, 5, seed=1):
+        assert prompt == f"Copy {want}\nAnswer: " and len(want) == 20 and re.fullmatch(r"((\d)\2+)+\d?", want)
     for prompt, want in drops:
         a, b = prompt[len("Drop the first element of "):-len("\nAnswer: ")].split(" + ")
         assert want == f"{a[1:]} + {b[1:]}" and len(a) == len(b) == 6
