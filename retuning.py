@@ -178,7 +178,8 @@ def parser():
     training_flags(command(sub, "train", "fine-tune a model on one task and method"), EMBEDDED_BASE, steps=1500)
     pt = command(sub, "pretrain", "pretrain the embedded base on the generic corpus of pretrain.py")
     training_flags(pt, "scratch", steps=16430, lr=2e-3)
-    pt.set_defaults(eval_every=500, save_every=500, warmup=200, n_examples=300_000)
+    # the committed base's recipe (docs/EXPERIMENTS.md): stretched positions, steps of 1-3
+    pt.set_defaults(eval_every=500, save_every=500, warmup=200, n_examples=300_000, positions="stretched", max_gap=2)
     pt.add_argument("--export", default=None, help="also write the base to this folder, replacing it atomically "
                     f"(the committed base: --export {EMBEDDED_BASE}); by default it stays in <out>/model")
     d = command(sub, "data", "print training examples or the token-count table")
