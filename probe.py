@@ -14,7 +14,7 @@ than those it was fine-tuned on (issue 10). Two measurements show which kind of 
   finds its source by content does not care.
 
 An item counts as right when greedy decoding reproduces the answer exactly, computed in one
-teacher-forced pass (as steps.py: right at every answer token, EOS included).
+teacher-forced pass (steps.step_hits: right at every answer token, EOS included).
 """
 import argparse
 import random
@@ -22,7 +22,8 @@ import random
 import torch
 
 from positions import SCHEMES, Positions
-from tasks import context_ids
+from steps import step_hits
+from tasks import context_ids, prompt_ids
 
 COPY_LENGTHS = (8, 16, 24, 28, 32, 40, 48)  # pretraining copies strings of up to 24 digits
 PAIR_LENGTHS = (4, 8, 12, 13, 16, 20, 24)  # ... and pairs of up to 12 + 12
@@ -55,33 +56,22 @@ def items(op, n, count, seed):
     return out
 
 
-def position_ids(pos: Positions, prompts, n_prompt, T, gap):
-    """(B, T) ids: the scheme's test positions (contiguous, or randomized drawn per item as the
-    decoder draws a context's), with `gap` added from the first answer token on."""
-    rows = []
-    for prompt, k in zip(prompts, n_prompt):
-        p = pos.for_context(prompt, 0, 2 * T + 16)
-        p = torch.arange(T) if p is None else p[:T].clone()
-        p[k:] += gap
-        rows.append(p)
-    return torch.stack(rows)
+def position_ids(pos: Positions, prompt, n_prompt, T, gap):
+    """(T,) ids of one item: the scheme's test positions (contiguous, or drawn as the decoder draws
+    a context's), with `gap` added from the first answer token on."""
+    p = pos.for_context(prompt, 0, 2 * T + 16)
+    p = torch.arange(T) if p is None else p[:T].clone()
+    p[n_prompt:] += gap
+    return p
 
 
-@torch.no_grad()
 def exact(model, tok, pairs, pos: Positions, gap=0) -> float:
-    """Fraction of (prompt, answer) pairs the model completes exactly under greedy decoding."""
-    rows = [context_ids(tok, list(p)) for p in pairs]
-    T = max(len(ids) for ids, _ in rows)
-    x = torch.full((len(rows), T), tok.eos_id, dtype=torch.long)
-    sel = torch.zeros(len(rows), T - 1, dtype=torch.bool)  # predictions of answer tokens
-    for b, (ids, mask) in enumerate(rows):
-        x[b, :len(ids)] = torch.tensor(ids)
-        sel[b, :len(ids) - 1] = torch.tensor(mask[1:], dtype=torch.bool)
-    n_prompt = [mask.index(1) for _, mask in rows]
-    p = position_ids(pos, [q for q, _ in pairs], n_prompt, T - 1, gap)
-    right = torch.ones_like(sel)
-    right[sel] = model(x[:, :-1], select=sel, positions=p).argmax(-1) == x[:, 1:][sel]
-    return right.all(1).sum().item() / len(rows)
+    """Fraction of (prompt, answer) pairs the model completes exactly under greedy decoding: the
+    answer is one step, teacher-forced as steps.py does it."""
+    T = max(len(context_ids(tok, list(p))[0]) for p in pairs)
+    own = [position_ids(pos, prompt, len(prompt_ids(tok, prompt)), T, gap) for prompt, _ in pairs]
+    hits = step_hits(model, tok, [list(p) for p in pairs], "baseline", own)
+    return sum(h["answer"] for h in hits) / len(hits)
 
 
 def report(model, tok, pos: Positions, count=50, seed=0) -> dict:

@@ -45,7 +45,8 @@ def pretrain(args):
 
 def inherit_positions(args):
     """Position flags not given take the base's own scheme (positions.json), else the defaults."""
-    own = Positions.of_base(resolve(args.base)) if args.base != "scratch" and os.path.isdir(resolve(args.base)) else Positions()
+    folder = None if args.base == "scratch" else resolve(args.base)
+    own = Positions.of_base(folder) if folder and os.path.isdir(folder) else Positions()
     args.positions = args.positions or own.scheme
     args.max_gap = own.max_gap if args.max_gap is None else args.max_gap
     args.position_span = own.span if args.position_span is None else args.position_span

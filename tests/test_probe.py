@@ -19,6 +19,7 @@ class Copier(torch.nn.Module):
     def __init__(self, pairs, by_position):
         super().__init__()
         self.by_position, self.next = by_position, {}
+        self.dummy = torch.nn.Parameter(torch.zeros(1))  # where the caller looks for the device
         for pair in pairs:
             ids, mask = context_ids(TOK, list(pair))
             self.next |= {tuple(ids[:t + 1]): ids[t + 1] for t in range(len(ids) - 1) if mask[t + 1]}
