@@ -1,4 +1,5 @@
 """Training loop: loss, loss mask, exact resume, atomic checkpoints. Run: python -m pytest tests/test_train.py -q"""
+import copy
 import dataclasses
 import json
 import os
@@ -12,6 +13,7 @@ import retuning
 import tasks
 import train
 from checkpoint import Tokenizer
+from data import training_contexts
 from model import Llama, ModelArgs
 from runs import EMBEDDED_TOKENIZER, save_checkpoint
 
@@ -163,6 +165,30 @@ def test_solve_prints_the_call_tree_and_the_answer(tmp_path, capsys):
     retuning.main(["solve", "--run", run, "12 + 34"])
     out = capsys.readouterr().out
     assert "'12 + 34\\nSolution: '" in out and "true answer: 46" in out
+
+
+def test_fifty_training_steps_give_the_losses_of_a_plain_reference_that_computes_every_logit():
+    """train_step (bucketed batches, micro-batches, the output layer only where there is loss) is an
+    optimisation of the textbook step: full logits of the padded batch, mean cross-entropy over
+    the -100-masked labels, one backward. Same batches, same start: same 50 losses (issue 14)."""
+    data = [tasks.context_ids(TOK, segs) for segs in training_contexts("addition", "retuning", 4, 0, 400)]
+    cfg = train.TrainConfig(run="unused", batch_size=8, micro_batch_size=3, lr=3e-3)
+    ours = Llama(ModelArgs(dim=32, n_layers=2, n_heads=2, hidden_dim=64, vocab_size=TOK.vocab_size)).train()
+    ours.init_weights(0)
+    ref = copy.deepcopy(ours)
+    opts = [torch.optim.AdamW(m.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+            for m in (ours, ref)]
+    stream = train.batches(data, cfg.batch_size, 0)
+    for step in range(50):
+        items = [data[i] for i in next(stream)]
+        loss, _, _ = train.train_step(ours, opts[0], items, cfg, step)
+        x, y = train.collate(items, TOK.eos_id, "cpu")
+        ref_loss = torch.nn.functional.cross_entropy(ref(x).flatten(0, 1), y.flatten(), ignore_index=-100)
+        ref_loss.backward()
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), cfg.clip)
+        opts[1].step()
+        opts[1].zero_grad()
+        assert loss == pytest.approx(ref_loss.item(), rel=1e-4), step
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
