@@ -5,37 +5,40 @@
 #   TASKS=addition OUT=/tmp/r bash reproduce.sh         # one task only
 #
 # Each (task, method) fine-tunes the same base (BASE, default the committed assets/base) with LoRA
-# for the same budget in optimizer steps (STEPS_<task>; DP's is the most its scratchpad, 430 tokens
-# a context, does in ~15 minutes), in the base's own position scheme (positions.py; POSITIONS
-# overrides it, for every method alike). Two runs share the machine's two cores at a time. Then
-# every run is evaluated from length 1 (DP: 2) to twice its training length, 50 problems per
-# length, with --by-step. OUT gets results.json, results.md (accuracy per length; in- and
-# out-of-distribution means; Re-Tuning's margins; each step's teacher-forced accuracy; training
-# cost per method) and one plot per task; OUT/runs/<task>-<method> holds each run (adapter, config,
-# metrics, summary, log) that `python eval.py OUT/runs/<task>-<method>` evaluates again.
+# for the same budget in optimizer steps (STEPS_<task>; addition's and DP's are the most their
+# scratchpads, the longest contexts, do in the ~15 minutes issue 10 allows a fine-tune), in the
+# base's own position scheme (positions.py; POSITIONS overrides it, for every method alike), and
+# REHEARSAL mixes that fraction of pretraining items into every method's data (default none).
+# Two runs share the machine's two cores at a time, Re-Tuning's first. Then every run is
+# evaluated from length 1 (DP: 2) to twice its training length, 50 problems per length, with
+# --by-step. OUT gets results.json, results.md (accuracy per length; in- and out-of-distribution
+# means; Re-Tuning's margins; each step's teacher-forced accuracy; training cost per method) and
+# one plot per task; OUT/runs/<task>-<method> holds each run (adapter, config, metrics, summary,
+# log) that `python eval.py OUT/runs/<task>-<method>` evaluates again.
 set -euo pipefail
 cd "$(dirname "$0")"
 OUT=${OUT:-results}
 BASE=${BASE:-assets/base}
 TASKS=${TASKS:-addition parity dp}
 PER_LENGTH=${PER_LENGTH:-50}
-export STEPS_addition=${STEPS_addition:-1500} STEPS_parity=${STEPS_parity:-1500} STEPS_dp=${STEPS_dp:-250}
+export STEPS_addition=${STEPS_addition:-2500} STEPS_parity=${STEPS_parity:-1500} STEPS_dp=${STEPS_dp:-250}
 POSITION_FLAGS=${POSITIONS:+--positions $POSITIONS}
+REHEARSAL=${REHEARSAL:-0}  # a fraction of pretraining items mixed into every method's data (train --rehearsal)
 mkdir -p "$OUT/runs"
 
 fine_tune() {  # task method: one run on one core, its progress in OUT/runs/<task>-<method>.log
     local steps="STEPS_$1"
     # shellcheck disable=SC2086  # POSITION_FLAGS is empty or two words
     OMP_NUM_THREADS=1 TQDM_MININTERVAL=60 python retuning.py train --task "$1" --method "$2" --steps "${!steps}" \
-        --base "$BASE" $POSITION_FLAGS --eval-every 0 --save-every 500 \
+        --base "$BASE" $POSITION_FLAGS --rehearsal "$REHEARSAL" --eval-every 0 --save-every 500 \
         --out "$OUT/runs/$1-$2" --overwrite > "$OUT/runs/$1-$2.log" 2>&1
     echo "$1-$2: $(tail -n 1 "$OUT/runs/$1-$2.log")"
 }
 export -f fine_tune
-export OUT BASE POSITION_FLAGS
+export OUT BASE POSITION_FLAGS REHEARSAL
 
 for task in $TASKS; do
-    for method in baseline scratchpad retuning; do echo "$task $method"; done
+    for method in retuning baseline scratchpad; do echo "$task $method"; done
 done | xargs -P 2 -L 1 bash -c 'fine_tune "$0" "$1"'
 
 runs=()
