@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The paper's 3 x 3 comparison (tasks x methods) at small scale, in one command:
 #
-#   bash reproduce.sh                                   # the committed results/: ~40 min on a 2-core CPU
+#   bash reproduce.sh                                   # the committed results/: ~50 min on a 2-core CPU
 #   TASKS=addition OUT=/tmp/r bash reproduce.sh         # one task only
 #
 # Each (task, method) fine-tunes the same base (BASE, default the committed assets/base) with LoRA

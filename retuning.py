@@ -1,6 +1,6 @@
 """Re-Tuning (Pasewark et al., ACL 2024): fine-tune a Llama to solve problems recursively.
 
-    python retuning.py train --task addition                  # the main job: 1,500 steps on the embedded base
+    python retuning.py train --task addition                  # the main job: 2,500 steps on the embedded base
     python retuning.py data --task dp --method retuning --show 2
     python retuning.py solve --run runs/addition-retuning "1234 + 5678"
     python retuning.py pretrain                               # the experimental base (pretrain.py)
@@ -175,11 +175,13 @@ def optimisation_flags(t, steps, batch, lr):
 def parser():
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    # the default budgets: the README's reference run, and the steps the committed base made
-    training_flags(command(sub, "train", "fine-tune a model on one task and method"), EMBEDDED_BASE, steps=1500)
+    # the default budgets: the README's reference run (reproduce.sh's addition budget), and the
+    # steps of the committed base's first stage
+    training_flags(command(sub, "train", "fine-tune a model on one task and method"), EMBEDDED_BASE, steps=2500)
     pt = command(sub, "pretrain", "pretrain the embedded base on the generic corpus of pretrain.py")
     training_flags(pt, "scratch", steps=16430, lr=2e-3)
-    # the committed base's recipe (docs/EXPERIMENTS.md): stretched positions, steps of 1-3
+    # the committed base's recipe (docs/EXPERIMENTS.md): stretched positions, steps of 1-3; then a
+    # second stage from it: --base assets/base-stretched-16k --steps 20000 --lr 1e-3 --seed 1
     pt.set_defaults(eval_every=500, save_every=500, warmup=200, n_examples=300_000, positions="stretched", max_gap=2)
     pt.add_argument("--export", default=None, help="also write the base to this folder, replacing it atomically "
                     f"(the committed base: --export {EMBEDDED_BASE}); by default it stays in <out>/model")
