@@ -150,8 +150,13 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
         self.mlp = MLP(args)
 
-    def forward(self, x, cos, sin, cache=None, layer=0, step=None):
+    def forward(self, x, cos, sin, cache=None, layer=0, step=None, out=None):
+        """`out` (the last block only): the positions the output layer reads, an index into (B, T).
+        Past attention nothing mixes positions, so the MLP runs on those alone: in training only
+        the ~half of the tokens that carry loss, when decoding one token per row."""
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, step)
+        if out is not None:
+            x = x[out]
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -313,15 +318,15 @@ class Llama(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd) broadcast over heads
         x = self.embed_tokens(tokens)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        for i, layer in enumerate(self.layers):
-            if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, cache, i, step)
+        out = select  # where the output layer reads: all positions, `select`, or each row's last token
         if last_only:
-            x = x[torch.arange(B, device=x.device), torch.tensor(n_new, device=x.device) - 1]
-        elif select is not None:
-            x = x[select]
+            out = (torch.arange(B, device=x.device), torch.tensor(n_new, device=x.device) - 1)
+        for i, layer in enumerate(self.layers):
+            out_i = out if i == len(self.layers) - 1 else None
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, None, i, None, out_i, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, cache, i, step, out_i)
         return self.lm_head(self.norm(x)).float()
 
     # Hugging Face checkpoint folders, as transformers names these two (checkpoint.py does the work;

@@ -39,6 +39,8 @@ SHAPES = {  # LLaMA-7B (Touvron et al. 2023, Table 2), SmolLM2-135M, the embedde
     "small": dict(dim=512, n_layers=4, n_heads=8, hidden_dim=1376, vocab_size=32000),
 }
 
+WARMUP = 3  # steps each side runs before the clock counts (allocator, caches, lazy init)
+
 
 def bench_tokenizer(shape):
     """SmolLM2's own tokenizer at its shape when `convert` has written it (its contexts are longer
@@ -49,33 +51,41 @@ def bench_tokenizer(shape):
 
 
 def real_batches(spec, batch, steps, tok, max_len=None):
-    """`steps` batches of (ids, loss mask) as `train` draws them for TASK-METHOD."""
+    """`steps` (+ warm-up) batches of (ids, loss mask) as `train` draws them for TASK-METHOD."""
     task, method = spec.split("-")
-    contexts = training_contexts(task, method, max_len or TASKS[task].train_len, 0, 16 * batch * (steps + 1))
+    contexts = training_contexts(task, method, max_len or TASKS[task].train_len, 0, 16 * batch * (steps + WARMUP))
     data = [context_ids(tok, segs) for segs in contexts]
     stream = train.batches(data, batch, 0)
-    return [[data[i] for i in next(stream)] for _ in range(steps + 1)], tok.eos_id
+    return [[data[i] for i in next(stream)] for _ in range(steps + WARMUP)], tok.eos_id
 
 
 def dense_batches(vocab, batch, seq, steps):
     g = torch.Generator().manual_seed(0)
     return [[(torch.randint(0, vocab, (seq,), generator=g).tolist(), [0] + [1] * (seq - 1)) for _ in range(batch)]
-            for _ in range(steps + 1)], 2
+            for _ in range(steps + WARMUP)], 2
 
 
-def timed(step, batches, device):
-    """Mean seconds per step after one warm-up step, and loss-carrying tokens per step."""
-    times = []
-    for items in batches:
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step(items)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    useful = sum(sum(mask) - mask[0] for items in batches[1:] for _, mask in items) / (len(batches) - 1)
-    return sum(times[1:]) / (len(times) - 1), useful
+def clock(step, items, device) -> float:
+    """Seconds one step takes (CUDA work included)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    step(items)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def interleaved(steps, batches, device):
+    """Seconds per step of each implementation, taking turns on each batch, after WARMUP
+    batches. Turns, not one run after the other: on a shared machine the speed drifts by 15-20%
+    within a minute, and the drift then falls on both sides alike instead of on one."""
+    total = [0.0] * len(steps)
+    for i, items in enumerate(batches):
+        for k, step in enumerate(steps):
+            t = clock(step, items, device)
+            total[k] += t if i >= WARMUP else 0.0
+    return [t / (len(batches) - WARMUP) for t in total]
 
 
 def ours_step(model, cfg):
@@ -112,7 +122,7 @@ def main():
     p.add_argument("--bf16", action="store_true", help="bf16 frozen weights and autocast (always on CUDA)")
     p.add_argument("--batch", type=int, default=32, help="contexts per step (--data) or sequences (dense)")
     p.add_argument("--seq", type=int, default=256, help="dense batches only")
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--steps", type=int, default=20, help="timed steps of each, after %d warm-up steps" % WARMUP)
     p.add_argument("--r", type=int, default=64)
     p.add_argument("--targets", default=",".join(TARGETS))
     p.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout, both sides (the paper: 0.05)")
@@ -133,18 +143,18 @@ def main():
           f"{torch.get_num_threads()} threads")
     print("| implementation | s/step | useful tokens/s |\n|---|---|---|")
     cfg = train.TrainConfig(run="", device=args.device, bf16=bf16, batch_size=args.batch, micro_batch_size=args.batch)
+    import peft
+    import transformers
     with tempfile.TemporaryDirectory() as d:
         ours.save_pretrained(d)
-        apply_lora(ours, args.r, args.r, args.dropout, targets)
-        s_ours, useful = timed(ours_step(ours.train(), cfg), batches, args.device)
-        print(f"| ours (model.py + lora.py + train.train_step) | {s_ours:.3f} | {useful / s_ours:.0f} |")
-        del ours
-        import peft
-        import transformers
         hf = transformers.LlamaForCausalLM.from_pretrained(d, dtype=dtype).to(args.device)
-        hf = peft.get_peft_model(hf, peft.LoraConfig(r=args.r, lora_alpha=args.r, lora_dropout=args.dropout, target_modules=list(targets)))
-        s_hf, _ = timed(hf_step(hf.train(), pad, args.device, bf16), batches, args.device)
-        print(f"| transformers + peft | {s_hf:.3f} | {useful / s_hf:.0f} |")
+    apply_lora(ours, args.r, args.r, args.dropout, targets)
+    hf = peft.get_peft_model(hf, peft.LoraConfig(r=args.r, lora_alpha=args.r, lora_dropout=args.dropout, target_modules=list(targets)))
+    s_ours, s_hf = interleaved([ours_step(ours.train(), cfg), hf_step(hf.train(), pad, args.device, bf16)],
+                               batches, args.device)
+    useful = sum(sum(mask) - mask[0] for items in batches[WARMUP:] for _, mask in items) / (len(batches) - WARMUP)
+    print(f"| ours (model.py + lora.py + train.train_step) | {s_ours:.3f} | {useful / s_ours:.0f} |")
+    print(f"| transformers + peft | {s_hf:.3f} | {useful / s_hf:.0f} |")
     print(f"speed-up: {s_hf / s_ours:.2f}x")
 
 
