@@ -3,7 +3,7 @@ import pytest
 import torch
 import transformers
 
-from lora import apply_lora, load_adapter, lora_layers, merge_lora, save_adapter, unmerge_lora
+from lora import Dropout, LoRALinear, apply_lora, load_adapter, lora_layers, merge_lora, save_adapter, unmerge_lora
 from model import Llama
 
 peft = pytest.importorskip("peft")
@@ -96,3 +96,54 @@ def test_an_adapter_for_another_model_is_refused_with_a_clear_error(checkpoint, 
 def test_an_unknown_target_is_a_clear_error(checkpoint):
     with pytest.raises(ValueError, match="unknown LoRA target"):
         apply_lora(Llama.from_pretrained(checkpoint), targets=("qkv",))
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5])
+def test_dropout_drops_a_share_p_and_keeps_the_mean(p):
+    torch.manual_seed(0)
+    d = Dropout(p).train()
+    y = d(torch.ones(1000, 1000))
+    sigma = (p * (1 - p) / y.numel()) ** 0.5  # of the dropped share
+    assert abs((y == 0).float().mean().item() - p) < 5 * sigma
+    assert torch.all((y == 0) | (y == d.scale)) and d.scale == pytest.approx(1 / (1 - p), rel=1e-4)
+    assert abs(y.mean().item() - 1) < 5 * sigma * d.scale
+
+
+def test_dropout_is_the_identity_in_eval_mode_and_at_p_0():
+    x = torch.randn(8, 8)
+    assert Dropout(0.5).eval()(x) is x and Dropout(0.0).train()(x) is x
+
+
+def test_dropout_draws_one_mask_per_input_tensor():
+    """q, k and v read one tensor and so share a mask; any other tensor gets a fresh one."""
+    torch.manual_seed(0)
+    d = Dropout(0.5).train()
+    x, other = torch.ones(64, 64), torch.ones(64, 64)
+    first = d(x)
+    assert d(x) is first
+    assert not torch.equal(d(other), first) and not torch.equal(d(x), first)  # x again, after another
+
+
+def test_one_dropout_serves_all_of_a_models_adapters(checkpoint):
+    model = Llama.from_pretrained(checkpoint)
+    apply_lora(model, r=4, alpha=8, dropout=0.1)
+    assert len({id(m.dropout) for m in lora_layers(model)}) == 1
+
+
+def test_lora_forward_and_gradients_equal_the_textbook_formula_under_dropout():
+    """y = x W^T + (alpha / r) ((x * mask) A^T) B^T, the mask being the one dropout drew."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(12, 10, bias=False)
+    layer = LoRALinear(base, 4, 8, Dropout(0.3)).train()
+    torch.nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(3, 5, 12, requires_grad=True)
+    y = layer(x)
+    mask = layer.dropout.last[1].detach() / x.detach()  # 0 or 1 / (1 - p), elementwise
+    x2 = x.detach().clone().requires_grad_()
+    A, B = (w.detach().clone().requires_grad_() for w in (layer.lora_A.weight, layer.lora_B.weight))
+    ref = x2 @ base.weight.T + 2.0 * ((x2 * mask) @ A.T) @ B.T
+    g = torch.randn_like(y)
+    y.backward(g), ref.backward(g)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    for ours, theirs in ((x.grad, x2.grad), (layer.lora_A.weight.grad, A.grad), (layer.lora_B.weight.grad, B.grad)):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)

@@ -297,6 +297,19 @@ def test_position_ids_0_1_2_change_nothing_and_a_slots_own_ids_give_the_uncached
     assert not torch.allclose(want, ours(x[:1]), atol=1e-2)  # the ids are really used
 
 
+def test_logits_at_selected_positions_equal_the_full_logits_there(ours):
+    """`select` (training) and `last_only` (decoding) run the last block's MLP and the output layer
+    on those positions alone; what they return must be the full forward's rows."""
+    x = torch.randint(0, OUR_ARGS.vocab_size, (3, 11), generator=torch.Generator().manual_seed(2))
+    select = torch.rand(3, 11, generator=torch.Generator().manual_seed(3)) < 0.4
+    full = ours(x)
+    torch.testing.assert_close(ours(x, select=select), full[select], atol=1e-5, rtol=1e-5)
+    cache = KVCache(OUR_ARGS, 3, 32)
+    slots = [cache.alloc() for _ in range(3)]
+    last = ours(x, cache, slots, n_new=[11, 7, 4], last_only=True)
+    torch.testing.assert_close(last, full[[0, 1, 2], [10, 6, 3]], atol=1e-5, rtol=1e-5)
+
+
 def test_writing_past_max_len_raises_instead_of_wrapping(ours):
     cache = KVCache(OUR_ARGS, n_slots=1, max_len=8)
     with pytest.raises(ValueError, match="KV cache overflow"):

@@ -14,6 +14,7 @@ import tasks
 import train
 from checkpoint import Tokenizer
 from data import training_contexts
+from lora import TARGETS, apply_lora, lora_layers
 from model import Llama, ModelArgs
 from runs import EMBEDDED_TOKENIZER, save_checkpoint
 
@@ -201,6 +202,25 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         model.zero_grad()
         model(x).logsumexp(-1).sum().backward()
         grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_gradient_checkpointing_redraws_the_same_lora_dropout_masks():
+    """The recomputation must see the masks the forward drew (one per input tensor, lora.Dropout)."""
+    model = Llama(ModelArgs(dim=32, n_layers=2, n_heads=2, hidden_dim=64, vocab_size=TOK.vocab_size)).train()
+    model.init_weights(0)
+    apply_lora(model, r=4, alpha=8, dropout=0.3, targets=TARGETS)
+    for m in lora_layers(model):
+        torch.nn.init.normal_(m.lora_B.weight, std=0.1)
+    x = torch.randint(0, TOK.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for flag in (False, True):
+        model.gradient_checkpointing = flag
+        model.zero_grad()
+        torch.manual_seed(1)
+        model(x).logsumexp(-1).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
