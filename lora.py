@@ -7,7 +7,8 @@
 lora_B starts at zero, so an adapted model computes exactly what its base does until the first
 update. Re-Tuning fine-tunes LLaMA this way (paper Sec. 4: r=64, alpha=64, dropout 0.05 on
 q, k, v, o). Adapters are saved alone, in PEFT's layout, so `peft.PeftModel.from_pretrained` puts
-ours on a transformers model and ours loads theirs.
+ours on a transformers model and ours loads theirs. One Dropout serves all of a model's adapters
+and draws one mask per input tensor (q, k and v share theirs), cheaply: see Dropout.
 """
 import math
 import os
@@ -56,6 +57,9 @@ class Dropout(nn.Module):
             keep = bits.view(torch.int16)[:n].view(x.shape) >= self.threshold
             self.last = (x, x * torch.where(keep, self.scale, 0.0))  # a float mask: no casts, forward or back
         return self.last[1]
+
+    def __getstate__(self):  # a copy or a pickle of the model carries no activations
+        return dict(self.__dict__, last=(None, None))
 
     def extra_repr(self):
         return f"p={self.p}"

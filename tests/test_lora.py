@@ -1,4 +1,6 @@
 """LoRA against PEFT. Run: python -m pytest tests/test_lora.py -q"""
+import copy
+
 import pytest
 import torch
 import transformers
@@ -124,10 +126,13 @@ def test_dropout_draws_one_mask_per_input_tensor():
     assert not torch.equal(d(other), first) and not torch.equal(d(x), first)  # x again, after another
 
 
-def test_one_dropout_serves_all_of_a_models_adapters(checkpoint):
-    model = Llama.from_pretrained(checkpoint)
+def test_one_dropout_serves_all_of_a_models_adapters_and_a_copy_after_training_too(checkpoint):
+    model = Llama.from_pretrained(checkpoint).train()
     apply_lora(model, r=4, alpha=8, dropout=0.1)
-    assert len({id(m.dropout) for m in lora_layers(model)}) == 1
+    model(X).sum().backward()  # the dropout now remembers its last input and output
+    twin = copy.deepcopy(model)  # a copy carries no activations (deepcopy refuses non-leaf tensors)
+    for m in (model, twin):
+        assert len({id(layer.dropout) for layer in lora_layers(m)}) == 1
 
 
 def test_lora_forward_and_gradients_equal_the_textbook_formula_under_dropout():
