@@ -88,10 +88,12 @@ class LoRALinear(nn.Module):
         if not torch.is_autocast_enabled(x.device.type):  # a bf16 base without autocast; under it the
             h = h.to(self.lora_A.weight.dtype)  # matmul casts for itself, and a float32 copy would be wasted
         u = self.lora_A(h)
+        if u.dtype != y.dtype:  # a bf16 base without autocast: the update rounded, then added, as the
+            # committed SmolLM2 runs were evaluated (a float32 sum flips 2 of their 500 baseline answers)
+            return y + (self.lora_B(u) * self.scaling).to(y.dtype)
         # y + scaling * u B^T as one BLAS call (addmm: beta 1, alpha = scaling), not a matmul, a
-        # scaling and a sum over the whole output; in u's dtype, so a bf16 y adds in float32
-        out = torch.addmm(y.flatten(0, -2).to(u.dtype), u.flatten(0, -2), self.lora_B.weight.t(), alpha=self.scaling)
-        return out.view(y.shape).to(y.dtype)
+        # scaling and a sum over the whole output
+        return torch.addmm(y.flatten(0, -2), u.flatten(0, -2), self.lora_B.weight.t(), alpha=self.scaling).view(y.shape)
 
     def delta(self) -> torch.Tensor:
         # in float32 whatever the weights' dtype: B @ A rounded to bf16 then added loses the update
