@@ -32,12 +32,20 @@ from runs import EMBEDDED_TOKENIZER, load_run  # noqa: E402
 from tracemodel import TraceModel  # noqa: E402
 
 
-def timed(fn, problems):
-    t0 = time.perf_counter()
-    solves = fn(problems)
-    dt = time.perf_counter() - t0
-    assert all(s.answer == tasks.TASKS["addition"].answer(s.problem) for s in solves), "decoding went wrong"
-    return len(solves) / dt, sum(s.n_generated for s in solves) / dt
+def taking_turns(runs, rounds):
+    """Problems/s and generated tokens/s of each decoder, all of them taking turns `rounds` times
+    on their problems: the machine's speed drifts by 15-25% within a minute on these two cores,
+    and taking turns makes the drift fall on every decoder alike instead of on one."""
+    done = {name: [0, 0, 0.0] for name in runs}  # problems, tokens, seconds
+    for _ in range(rounds):
+        for name, (problems, fn) in runs.items():
+            t0 = time.perf_counter()
+            solves = fn(problems)
+            done[name][2] += time.perf_counter() - t0
+            assert all(s.answer == tasks.TASKS["addition"].answer(s.problem) for s in solves), "decoding went wrong"
+            done[name][0] += len(solves)
+            done[name][1] += sum(s.n_generated for s in solves)
+    return {name: (n / dt, tokens / dt) for name, (n, tokens, dt) in done.items()}
 
 
 def release_harness(hf, forced, tok, problems, lim):
@@ -81,6 +89,7 @@ def main():
     p.add_argument("--single-problems", type=int, default=8)
     p.add_argument("--oracle-problems", type=int, default=8)
     p.add_argument("--release-problems", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=3, help="turns each decoder takes (the rates are over all of them)")
     p.add_argument("--run", default=None, help="a trained run folder (default: random weights)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
@@ -107,10 +116,10 @@ def main():
             "oracle": (problems[:args.oracle_problems], lambda ps: decode_naive(forced, tok, "addition", "retuning", ps, lim)),
             "release": (problems[:args.release_problems], lambda ps: release_harness(hf, forced, tok, ps, lim)),
         }
-        rates = {name: timed(fn, ps) for name, (ps, fn) in runs.items()}
+        rates = taking_turns(runs, args.rounds)
         for name, (ps, _) in runs.items():
             pr, tr = rates[name]
-            print(f"| {d} | {name} | {len(ps)} | {pr:.2f} | {tr:.0f} | {pr / rates['oracle'][0]:.1f}x |")
+            print(f"| {d} | {name} | {len(ps)} x {args.rounds} | {pr:.2f} | {tr:.0f} | {pr / rates['oracle'][0]:.1f}x |")
         if d == 16:
             speedup = rates["batched"][0] / rates["release"][0]
     if "speedup" in locals():

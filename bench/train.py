@@ -11,7 +11,8 @@ loss on the completions only. Ours runs train.train_step (logits only where ther
 transformers + peft get the same contexts as a transformers user would write them: right-padded
 input_ids, an attention_mask and -100 labels. Without --data both get a dense random batch.
 Both models have the same random weights (ours saved in the HF layout, loaded by transformers)
-and the same adapter config; speed does not depend on the weights' values. Reported: seconds per
+and the same adapter config; speed does not depend on the weights' values. The two take turns
+step by step (both are held at once: at 7B about 2 x 21 GB of one GPU). Reported: seconds per
 step, useful (loss-carrying) tokens/s, and last `speed-up: N.NNx` of ours over transformers + peft.
 """
 import argparse
