@@ -30,8 +30,9 @@ class Dropout(nn.Module):
     Shared: the mask is drawn once per input tensor, so q, k and v, which read the same input, get
     the same mask, and so do gate and up; as in loralib's MergedLinear (Hu et al.'s code), where
     one dropout feeds GPT-2's fused qkv. A call on a different tensor draws afresh, so sharing
-    never depends on the call order. With LoRA on all seven projections that is 4 masks per layer
-    instead of 7.
+    never depends on the call order (the same tensor again gets the same output: inside a model
+    every forward computes new inputs). With LoRA on all seven projections that is 4 masks per
+    layer instead of 7.
     Cheaper: bernoulli_ costs one generator call (~10 ns) per element on the CPU, 28% of a training
     step at the embedded shape. Here each 64-bit draw serves four elements 16 random bits each, and
     an element is dropped when they fall below p * 2^16: p is rounded to a multiple of 2^-16 (0.05
@@ -42,7 +43,7 @@ class Dropout(nn.Module):
     def __init__(self, p: float):
         super().__init__()
         self.p = p
-        dropped = round(p * 2**16)  # of the 2^16 values 16 bits can take
+        dropped = min(round(p * 2**16), 2**16 - 1)  # of the 2^16 values 16 bits can take; p < 1
         self.threshold = dropped - 2**15  # compared as int16, whose values start at -2^15
         self.scale = 2**16 / (2**16 - dropped)
         self.last = (None, None)  # (input, output) of the last call
