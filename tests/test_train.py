@@ -192,27 +192,15 @@ def test_fifty_training_steps_give_the_losses_of_a_plain_reference_that_computes
         assert loss == pytest.approx(ref_loss.item(), rel=1e-4), step
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+def tiny_model():
     model = Llama(ModelArgs(dim=32, n_layers=2, n_heads=2, hidden_dim=64, vocab_size=TOK.vocab_size)).train()
     model.init_weights(0)
-    x = torch.randint(0, TOK.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
-    grads = []
-    for flag in (False, True):
-        model.gradient_checkpointing = flag
-        model.zero_grad()
-        model(x).logsumexp(-1).sum().backward()
-        grads.append([p.grad.clone() for p in model.parameters()])
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    return model
 
 
-def test_gradient_checkpointing_redraws_the_same_lora_dropout_masks():
-    """The recomputation must see the masks the forward drew (one per input tensor, lora.Dropout)."""
-    model = Llama(ModelArgs(dim=32, n_layers=2, n_heads=2, hidden_dim=64, vocab_size=TOK.vocab_size)).train()
-    model.init_weights(0)
-    apply_lora(model, r=4, alpha=8, dropout=0.3, targets=TARGETS)
-    for m in lora_layers(model):
-        torch.nn.init.normal_(m.lora_B.weight, std=0.1)
+def assert_checkpointing_changes_no_gradient(model):
+    """Gradients of the trainable weights with and without gradient checkpointing, from the same
+    RNG state (dropout draws), must agree."""
     x = torch.randint(0, TOK.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     grads = []
     for flag in (False, True):
@@ -223,6 +211,18 @@ def test_gradient_checkpointing_redraws_the_same_lora_dropout_masks():
         grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    assert_checkpointing_changes_no_gradient(tiny_model())
+
+
+def test_gradient_checkpointing_redraws_the_same_lora_dropout_masks():
+    """The recomputation must see the masks the forward drew (one per input tensor, lora.Dropout)."""
+    model = apply_lora(tiny_model(), r=4, alpha=8, dropout=0.3, targets=TARGETS)
+    for m in lora_layers(model):
+        torch.nn.init.normal_(m.lora_B.weight, std=0.1)
+    assert_checkpointing_changes_no_gradient(model)
 
 
 def test_eval_writes_results_json_a_table_and_one_plot_per_task(tmp_path, capsys):
