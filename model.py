@@ -294,7 +294,7 @@ class Llama(nn.Module):
                     p.copy_(torch.randn(p.shape, generator=g) * 0.02)
 
     def forward(self, tokens, cache: Optional[KVCache] = None, slots=None, n_new=None, last_only=False, select=None,
-                positions=None):
+                positions=None, hidden=False):
         """tokens (B, T) -> logits (B, T, V), or (B, V) at each row's last real token, or (N, V)
         at the N positions where the boolean (B, T) `select` is True.
 
@@ -304,7 +304,8 @@ class Llama(nn.Module):
         `select` is for training: the output layer costs dim x vocab per position (49k columns on
         SmolLM2), and only completion positions carry loss, so only those are projected.
         `positions` (B, T), without a cache, replaces each token's position id 0, 1, 2, ... (a
-        cache slot carries its own: KVCache.alloc); positions.py says why.
+        cache slot carries its own: KVCache.alloc); positions.py says why. `hidden`: the final normed
+        states instead of logits, for training's fused output layer and loss (loss.py).
         """
         B, T = tokens.shape
         n_new = list(n_new) if n_new is not None else [T] * B
@@ -327,7 +328,7 @@ class Llama(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, None, i, None, out_i, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, cache, i, step, out_i)
-        return self.lm_head(self.norm(x)).float()
+        return self.norm(x) if hidden else self.lm_head(self.norm(x)).float()
 
     # Hugging Face checkpoint folders, as transformers names these two (checkpoint.py does the work;
     # it builds on this file, hence the imports at call time)

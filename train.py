@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import pretrain
@@ -28,6 +27,7 @@ from checkpoint import Tokenizer, check_vocabulary, tokenizer_file, write_json
 from data import eval_problems, training_contexts
 from decoder import decode, eval_limits
 from lora import TARGETS, apply_lora
+from loss import linear_cross_entropy
 from model import Llama, ModelArgs
 from positions import Positions
 from probe import quick as probe_base
@@ -287,8 +287,8 @@ def train_step(model, opt, items, cfg: TrainConfig, step=0):
         x, y = collate(part, model.args.eos_id, cfg.device)
         pos = cfg.position_ids.for_batch([mask for _, mask in part], x.shape[1], (cfg.seed * 100_003 + step) * 1009 + m)
         with torch.autocast(cfg.device.split(":")[0], torch.bfloat16, enabled=cfg.use_bf16):
-            logits = model(x, select=y != -100, positions=pos)  # the output layer only where there is loss
-        loss = F.cross_entropy(logits, y[y != -100], reduction="sum") / n_targets
+            h = model(x, select=y != -100, positions=pos, hidden=True)  # only where there is loss
+        loss = linear_cross_entropy(h, model.lm_head.weight, y[y != -100], 1 / n_targets)
         loss.backward()
         total += loss.item()
         n_tokens += x.numel()
