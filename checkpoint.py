@@ -35,9 +35,12 @@ def atomic_write(path, write):
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, (OSError, RuntimeError)):  # disk full, a file-size limit (torch.save says RuntimeError)
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else "the write stopped short (a full disk or a file-size limit?)"
+            raise OSError(f"could not write {path}: {reason}; the previous version, if any, is intact") from None
         raise
     folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
     try:

@@ -19,6 +19,7 @@ import importlib.util
 import json
 import os
 import shutil
+import struct
 import tempfile
 
 import numpy as np
@@ -133,14 +134,30 @@ def byte_level_tokenizer(meta: dict):
     return tok
 
 
+def read_gguf(path):
+    """The file's header and tensor table, refused with one line when the file is cut short or
+    damaged: GGUFReader maps the file and would hand a truncated tensor on to a reshape."""
+    from gguf import GGML_QUANT_SIZES, GGUFReader
+    try:
+        reader = GGUFReader(path)
+    except (ValueError, IndexError, KeyError, OSError, struct.error) as e:
+        raise CheckpointError(f"{path}: not a readable GGUF file, truncated or corrupt ({type(e).__name__}: {e})") from None
+    for t in reader.tensors:
+        block, block_bytes = GGML_QUANT_SIZES[t.tensor_type]
+        want = int(np.prod([int(d) for d in t.shape])) // block * block_bytes
+        if t.data.nbytes != want:
+            raise CheckpointError(f"{path}: truncated or corrupt GGUF file: tensor {t.name} has {t.data.nbytes} "
+                                  f"of its {want} bytes (file size {os.path.getsize(path)})")
+    return reader
+
+
 def convert(gguf_path, out):
     """Write the HF folder atomically: a temporary folder beside `out`, renamed when complete."""
-    from gguf import GGUFReader
     if not os.path.isfile(gguf_path):
         raise FileNotFoundError(f"no GGUF file at {gguf_path}")
     if os.path.exists(out):
         raise FileExistsError(f"{out} already exists; convert writes a new folder")
-    reader = GGUFReader(gguf_path)
+    reader = read_gguf(gguf_path)
     meta = metadata(reader)
     tied = not any(t.name == "output.weight" for t in reader.tensors)
     cfg = hf_config(meta, tied)

@@ -15,6 +15,7 @@ import itertools
 import random
 
 import sentencepiece as spm
+import torch
 
 from tasks import METHODS, TASKS, Addition, context_ids
 
@@ -145,3 +146,34 @@ def token_table(tokenizers, seed=0, n=1000):
             cells += [str(max(lengths)), f"{sum(lengths) / len(lengths):.1f}"]
         rows.append(f"| {task} | {method} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
+
+
+# ---- training batches ----
+def batches(data, batch_size, seed):
+    """Endless, deterministic stream of index lists; similar lengths share a batch (bucketing).
+
+    Each epoch: shuffle, cut into chunks of 16 batches, sort each chunk by length, slice it into
+    batches, shuffle those. Padding stays small and the order depends only on (seed, epoch).
+    """
+    for epoch in range(10**9):
+        rng = random.Random(seed * 100_003 + epoch)
+        order = list(range(len(data)))
+        rng.shuffle(order)
+        chunk = 16 * batch_size
+        for c in range(0, len(order) - batch_size + 1, chunk):
+            part = sorted(order[c:c + chunk], key=lambda i: len(data[i][0]))
+            group = [part[i:i + batch_size] for i in range(0, len(part) - batch_size + 1, batch_size)]
+            rng.shuffle(group)
+            yield from group
+
+
+def collate(items, pad_id, device):
+    """Right-pad; the target at t is token t+1 where it is a completion token or EOS, else -100."""
+    T = max(len(ids) for ids, _ in items) - 1
+    x = torch.full((len(items), T), pad_id, dtype=torch.long)
+    y = torch.full((len(items), T), -100, dtype=torch.long)
+    for i, (ids, mask) in enumerate(items):
+        ids_t, mask_t = torch.tensor(ids), torch.tensor(mask, dtype=torch.bool)
+        x[i, :len(ids) - 1] = ids_t[:-1]
+        y[i, :len(ids) - 1] = torch.where(mask_t[1:], ids_t[1:], -100)
+    return x.to(device), y.to(device)

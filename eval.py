@@ -21,6 +21,7 @@ import time
 import torch
 from tqdm import tqdm
 
+import dist
 import steps
 from data import eval_problems
 from decoder import decode, eval_limits
@@ -70,34 +71,40 @@ def describe(task, method, s) -> str:
             f"    in context {where[-120:]!r}\n    expected {want[:120]!r}\n    got      {got[:120]!r}")
 
 
-def evaluate(run, lengths, per_length, seed, batch_size, device, n_failures=3, by_step=False):
+def evaluate(run, lengths, per_length, seed, batch_size, device, n_failures=3, by_step=False, world=dist.World()):
+    """One run's accuracy per length. Under torchrun each process decodes its share of every
+    length's problems (its own model and KV cache) and rank 0 gets all outcomes, in problem
+    order, so the tables are the single process's."""
     model, tok, cfg = load_run(run, device)
     task, method, pos = cfg["task"], cfg["method"], Positions.of_run(cfg)
     acc, count, failures, n_tokens = {}, {}, [], 0
     t0 = time.time()
-    bar = tqdm(total=len(lengths) * per_length, desc=os.path.basename(run.rstrip("/")), dynamic_ncols=True)
+    bar = tqdm(total=len(lengths) * per_length, desc=os.path.basename(run.rstrip("/")), dynamic_ncols=True,
+               disable=not world.main)
     for L in lengths:
         problems = eval_problems(task, L, per_length, seed)
         lim = eval_limits(task, method, tok, problems[:1])
-        correct = 0
-        for b in range(0, len(problems), batch_size):
-            for s in decode(model, tok, task, method, problems[b:b + batch_size], lim, positions=pos):
+        mine, outcomes = world.share(list(enumerate(problems))), []
+        for b in range(0, len(mine), batch_size):
+            part = mine[b:b + batch_size]
+            for (i, _), s in zip(part, decode(model, tok, task, method, [p for _, p in part], lim, positions=pos)):
                 ok = s.answer == TASKS[task].answer(s.problem)
-                correct += ok
-                n_tokens += s.n_generated
-                if not ok and len(failures) < n_failures:
-                    failures.append(describe(task, method, s))
-            bar.update(len(problems[b:b + batch_size]))
-        acc[str(L)], count[str(L)] = correct / len(problems), len(problems)
+                outcomes.append((i, ok, s.n_generated, None if ok else describe(task, method, s)))
+            bar.update(len(part) * world.size)
+        outcomes = sorted(o for share in dist.gather(outcomes, world) for o in share)
+        failures += [o[3] for o in outcomes if o[3]][:n_failures - len(failures)]
+        n_tokens += sum(o[2] for o in outcomes)
+        acc[str(L)], count[str(L)] = sum(o[1] for o in outcomes) / len(problems), len(problems)
     bar.close()
     dt = time.time() - t0
-    print(f"{run}: {len(lengths) * per_length / dt:.1f} problems/s, {n_tokens / dt:.0f} generated tokens/s")
-    if failures:
-        print("first failures:\n" + "\n".join(failures))
+    if world.main:
+        print(f"{run}: {len(lengths) * per_length / dt:.1f} problems/s, {n_tokens / dt:.0f} generated tokens/s")
+        if failures:
+            print("first failures:\n" + "\n".join(failures))
     ood = [a for L, a in acc.items() if int(L) > cfg["train_length"]]
     ind = [a for L, a in acc.items() if int(L) <= cfg["train_length"]]
     summary = os.path.join(run, "summary.json")  # what training cost (runs.write_summary)
-    if by_step:  # where it breaks: each step teacher-forced (steps.py)
+    if by_step and world.main:  # where it breaks: each step teacher-forced (steps.py); rank 0 alone
         by_step = steps.by_step(model, tok, task, method, lengths, per_length, seed, batch_size, pos)
         print(steps.table(f"{task} {method}", by_step))
     return {"by_step": by_step or None, "run": run, "task": task, "method": method, "train_length": cfg["train_length"],
@@ -214,6 +221,15 @@ def main(argv=None):
     args = parser().parse_args(argv)
     if args.combine:
         return combine(args.runs, args.out)
+    world = dist.init(args.device)  # under torchrun: the problems are shared out (evaluate)
+    try:
+        evaluate_all(args, world)
+    finally:
+        dist.finish()
+
+
+def evaluate_all(args, world):
+    """Each run in turn, results written after each (rank 0 writes and prints)."""
     runs = args.runs or sorted(os.path.dirname(c) for c in glob.glob("runs/*/config.json") if is_finetune(c))
     out = args.out or os.path.join("runs", "eval", time.strftime("%Y-%m-%d_%H%M%S"))
     if not runs:
@@ -224,14 +240,16 @@ def main(argv=None):
     for run in runs:
         try:
             results.append(evaluate(run, lengths_of(run, args), args.per_length, args.seed, args.batch_size,
-                                    args.device, by_step=args.by_step))
+                                    world.device(args.device), by_step=args.by_step, world=world))
         except (ValueError, OSError, KeyError) as e:  # a bad run folder: say so, go on with the others
             failed.append(run)
-            print(f"error: {e}" if str(run) in str(e) else f"error: {run}: {e}", file=sys.stderr)
+            if world.main:
+                print(f"error: {e}" if str(run) in str(e) else f"error: {run}: {e}", file=sys.stderr)
             continue
-        os.makedirs(out, exist_ok=True)  # only once there is something to write
-        md = write(results, out)
-    if results:
+        if world.main:
+            os.makedirs(out, exist_ok=True)  # only once there is something to write
+            md = write(results, out)
+    if results and world.main:
         print(md)
         print(f"wrote {out}/results.json, results.md and " + ", ".join(f"{t}.png" for t in sorted({r['task'] for r in results})))
     if failed:
@@ -266,7 +284,8 @@ def is_finetune(config_path) -> bool:
 
 
 def fail(message):
-    print(f"error: {message}", file=sys.stderr)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every process fails alike; one says so
+        print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
 

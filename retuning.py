@@ -25,7 +25,7 @@ from flags import Parser, device, fraction, non_negative, non_negative_float, po
 from decoder import decode, eval_limits, format_trace
 from lora import TARGETS
 from positions import SCHEMES, Positions
-from runs import EMBEDDED_BASE, EMBEDDED_TOKENIZER, SMOLLM2_DIR, claim, load_run, read_run_config, resolve
+from runs import EMBEDDED_BASE, EMBEDDED_TOKENIZER, SMOLLM2_DIR, load_run, read_run_config, resolve
 from tasks import METHODS, TASKS
 from train import FinetuneConfig, PretrainConfig, finetune, pretrain_base
 
@@ -54,11 +54,11 @@ def inherit_positions(args):
 
 def resolve_config(cls, args, name, **resolved):
     """A config from the flags of the same names, once: the run folder (runs/<name> by default),
-    the budget, the number of examples and the device filled in where they were not given."""
+    the budget, the number of examples and the device filled in where they were not given.
+    Nothing is touched here: training claims the folder right before its first write."""
     run = args.out or os.path.join("runs", name)
     if args.n_examples is not None and args.n_examples < args.batch_size:
         raise ValueError(f"--n-examples {args.n_examples} is smaller than one batch (--batch-size {args.batch_size})")
-    claim(run, args.base, args.resume, args.overwrite)  # last: --overwrite removes the old run's outputs
     resolved.update(
         run=run, device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
         steps=args.default_steps if args.steps is None and args.minutes is None else args.steps)

@@ -6,6 +6,8 @@ bit) and what eval.py and `solve` read: adapter/ (LoRA, PEFT's layout) or model/
 with its tokenizer). Run folders and configs name their base as given on the command line, so
 `resolve` finds the embedded ones relative to this file and `smollm2` in the cache.
 """
+import contextlib
+import fcntl
 import glob
 import json
 import os
@@ -16,6 +18,7 @@ import shutil
 import torch
 
 from checkpoint import Tokenizer, atomic_write, check_vocabulary, read_json_object, write_json, write_text
+from dist import run_on_main
 from lora import load_adapter, lora_layers, save_adapter
 from model import Llama
 from tasks import METHODS, TASKS
@@ -48,22 +51,31 @@ ADDED_KEYS = {"positions": "contiguous", "max_gap": 12, "position_span": 1024}
 MAY_CHANGE_ON_RESUME = {"run", "resume", "steps", "minutes", "device", "eval_every", "save_every", "overwrite"}
 
 
+LOCK = ".train.lock"  # held (flock) by the one process training in a run folder
+
+
 def claim(run, base, resume=False, overwrite=False):
-    """Make `run` this run's folder, or refuse with one line before anything is written: never a
-    base or the committed assets, never a folder that is not a run, never a run unless resumed
+    """Make `run` this run's folder and lock it against every other process until `release`, or
+    refuse with one line before anything is changed: never a base or the committed assets, never
+    a folder that is not a run, never a run in use by another process, never a run unless resumed
     or overwritten (then its outputs are removed first, so no stale adapter/ or model/ is left)."""
     here, target = os.path.realpath(os.path.join(HERE, "assets")), os.path.realpath(run)
     if target == here or target.startswith(here + os.sep) or (base != "scratch" and target == os.path.realpath(resolve(base))):
         raise ValueError(f"--out {run} would write into a base model or the committed assets; choose another folder")
     if os.path.isfile(run):
         raise ValueError(f"--out {run} is a file, not a folder")
-    entries = set(os.listdir(run)) if os.path.isdir(run) else set()
+    entries = set(os.listdir(run)) - {LOCK} if os.path.isdir(run) else set()
     if entries and "config.json" not in entries:
         raise ValueError(f"--out {run} exists and is not a run folder ({', '.join(sorted(entries)[:3])}...); choose another folder")
-    if entries and not (resume or overwrite):
-        raise ValueError(f"{run} already holds a run: pass --resume to continue it or --overwrite to start over")
-    if resume and "checkpoint.pt" not in entries:
-        raise ValueError(f"{run}: nothing to resume (no checkpoint.pt)")
+    lock = take_lock(run)
+    try:
+        if entries and not (resume or overwrite):
+            raise ValueError(f"{run} already holds a run: pass --resume to continue it or --overwrite to start over")
+        if resume and "checkpoint.pt" not in entries:
+            raise ValueError(f"{run}: nothing to resume (no checkpoint.pt)")
+    except ValueError:
+        release(lock, remove_folder=not entries)
+        raise
     if overwrite and not resume:
         for name in OUTPUTS:
             path = os.path.join(run, name)
@@ -71,6 +83,55 @@ def claim(run, base, resume=False, overwrite=False):
                 shutil.rmtree(path)
             elif os.path.exists(path):
                 os.remove(path)
+    return lock
+
+
+def take_lock(run):
+    """An exclusive flock on run/.train.lock, released by the kernel if this process dies, so a
+    crashed run never blocks the next; a second process on the folder is refused at once."""
+    os.makedirs(run, exist_ok=True)
+    f = open(os.path.join(run, LOCK), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise ValueError(f"{run} is in use by another training process (pid {holder}); "
+                         "wait for it to finish or choose another --out") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
+def release(lock, remove_folder=False):
+    """Give the run folder back (the lock file goes, unless the next holder already took it)."""
+    folder = os.path.dirname(lock.name)
+    os.remove(lock.name)
+    lock.close()
+    if remove_folder and not os.listdir(folder):
+        os.rmdir(folder)
+
+
+@contextlib.contextmanager
+def claimed(cfg, model, opt, record, world):
+    """The run folder, claimed by rank 0 (runs.claim: refused, or locked against every other
+    process until training ends) right before the first write; with --resume, the checkpoint rank
+    0 read, on every rank. A refusal on rank 0 is raised on every rank."""
+    lock = []
+
+    def claim_and_resume():
+        lock.append(claim(cfg.run, cfg.base, cfg.resume, cfg.overwrite))
+        if cfg.resume:
+            check_resume(cfg.run, record)
+            return resume(cfg.run, model, opt)
+    try:
+        yield run_on_main(claim_and_resume, world)
+    finally:
+        if lock:
+            release(lock[0])
 
 
 def check_resume(run, record: dict):
@@ -97,25 +158,35 @@ def trainable(model, key):
     return not lora_layers(model) or "lora_" in key
 
 
-def resume(run, model, opt):
-    """Load checkpoint.pt into the model and optimizer; returns (step, seconds trained)."""
+def resume(run, model, opt) -> dict:
+    """Load checkpoint.pt into the model and optimizer and cut metrics.jsonl back to its step;
+    returns the checkpoint (under torchrun rank 0 reads it, the others `restore` what it read)."""
     path = os.path.join(run, "checkpoint.pt")
     try:  # weights_only: tensors and plain containers only, so a crafted checkpoint cannot run code
         ckpt = torch.load(path, weights_only=True)
-        model.load_state_dict(ckpt["model"], strict=False)
-        opt.load_state_dict(ckpt["optim"])
-        torch.set_rng_state(ckpt["rng"])
     except pickle.UnpicklingError:
         raise ValueError(f"{path}: refused: it holds objects other than tensors and plain containers, "
                          "so it is not a checkpoint written by train") from None
-    except (RuntimeError, EOFError, KeyError, TypeError, ValueError) as e:
+    except (RuntimeError, EOFError) as e:
         raise ValueError(f"{path}: not a checkpoint of this run ({type(e).__name__}: {str(e).strip()[:120]!r})") from None
+    restore(ckpt, model, opt, path)
     # drop log lines written after this checkpoint, so the log reads as one uninterrupted run
-    path = os.path.join(run, "metrics.jsonl")
-    if os.path.exists(path):
-        lines = [l for l in open(path) if l.endswith("\n") and json.loads(l)["step"] <= ckpt["step"]]  # a torn last line goes too
-        atomic_write(path, lambda f: write_text(f, "".join(lines)))
-    return ckpt["step"], ckpt.get("elapsed", 0.0)
+    log = os.path.join(run, "metrics.jsonl")
+    if os.path.exists(log):
+        lines = [l for l in open(log) if l.endswith("\n") and json.loads(l)["step"] <= ckpt["step"]]  # a torn last line goes too
+        atomic_write(log, lambda f: write_text(f, "".join(lines)))
+    return ckpt
+
+
+def restore(ckpt: dict, model, opt, path="checkpoint.pt"):
+    """Put a checkpoint's weights, optimizer and RNG state in place; returns (step, seconds trained)."""
+    try:
+        model.load_state_dict(ckpt["model"], strict=False)
+        opt.load_state_dict(ckpt["optim"])
+        torch.set_rng_state(ckpt["rng"])
+        return ckpt["step"], ckpt.get("elapsed", 0.0)
+    except (RuntimeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: not a checkpoint of this run ({type(e).__name__}: {str(e).strip()[:120]!r})") from None
 
 
 def export(run, model, tok_path, base):
@@ -127,7 +198,7 @@ def export(run, model, tok_path, base):
         shutil.copyfile(tok_path, os.path.join(run, "model", os.path.basename(tok_path)))
 
 
-def write_summary(run, data, step, batch_size, seconds, device):
+def write_summary(run, data, step, batch_size, seconds, device, processes=1):
     """What the run cost: steps, minutes, examples, tokens per training sequence, peak memory
     (the paper's Fig. 1 compares methods by tokens per example and GPU memory)."""
     lengths = [len(ids) for ids, _ in data]
@@ -135,6 +206,8 @@ def write_summary(run, data, step, batch_size, seconds, device):
                "tokens_per_sequence": {"mean": round(sum(lengths) / len(lengths), 1), "max": max(lengths)},
                "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
                "device": device, "torch_threads": torch.get_num_threads()}
+    if processes > 1:  # peak memory and threads are rank 0's
+        summary["processes"] = processes
     if device.startswith("cuda"):
         summary["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
     write_json(os.path.join(run, "summary.json"), summary)

@@ -16,22 +16,23 @@ import random
 import shutil
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
 import torch
 from tqdm import tqdm
 
+import dist
 import pretrain
 from checkpoint import Tokenizer, check_vocabulary, tokenizer_file, write_json
-from data import eval_problems, training_contexts
+from data import batches, collate, eval_problems, training_contexts
 from decoder import decode, eval_limits
 from lora import TARGETS, apply_lora
 from loss import linear_cross_entropy
 from model import Llama, ModelArgs
 from positions import Positions
 from probe import quick as probe_base
-from runs import EMBEDDED_TOKENIZER, check_resume, export, resolve, resume, save_checkpoint, uses_bf16, write_summary
+from runs import EMBEDDED_TOKENIZER, claimed, export, resolve, restore, save_checkpoint, uses_bf16, write_summary
 from tasks import TASKS, context_ids
 
 
@@ -65,6 +66,7 @@ class TrainConfig:
     device: str = "cpu"
     seed: int = 0
     resume: bool = False
+    overwrite: bool = False  # replace the run in the folder (its outputs are removed when it is claimed)
     eval_every: int = 250  # steps between probes (0: never)
     save_every: int = 100
 
@@ -99,6 +101,8 @@ class PretrainConfig(TrainConfig):
 def finetune(cfg: FinetuneConfig) -> str:
     """Fine-tune a base on one task and method: LoRA on a pretrained base, as the paper (Sec. 4),
     unless cfg.full; every weight of a scratch model. Returns the run folder."""
+    world = dist.init(cfg.device)  # under torchrun: this process's share of the job
+    cfg = replace(cfg, device=world.device(cfg.device))
     torch.manual_seed(cfg.seed)
     lora = cfg.base != "scratch" and not cfg.full
     model, tok = build_model(cfg, frozen=lora)
@@ -106,14 +110,18 @@ def finetune(cfg: FinetuneConfig) -> str:
         apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
     data = finetune_data(cfg, tok)
     record = {"command": "train", **asdict(cfg), "model": vars(model.args), "train_length": cfg.max_len}
-    step = fit(cfg, model, data, lambda model, step: {"check_acc": quick_check(model, tok, cfg)}, record)
-    print(f"saved {cfg.run} (step {step}); evaluate with: python eval.py {cfg.run}")
+    step = fit(cfg, model, data, lambda model, step: {"check_acc": quick_check(model, tok, cfg)}, record, world)
+    if world.main:
+        print(f"saved {cfg.run} (step {step}); evaluate with: python eval.py {cfg.run}")
+    dist.finish()
     return cfg.run
 
 
 def pretrain_base(cfg: PretrainConfig) -> str:
     """Pretrain every weight of a base on pretrain.py's corpus, then write it as an HF folder to
     cfg.export, what `train --base` fine-tunes. Returns the run folder."""
+    world = dist.init(cfg.device)
+    cfg = replace(cfg, device=world.device(cfg.device))
     torch.manual_seed(cfg.seed)
     model, tok = build_model(cfg)
     data = [context_ids(tok, segs) for segs in pretrain.corpus(cfg.seed, cfg.n_examples)]
@@ -122,11 +130,13 @@ def pretrain_base(cfg: PretrainConfig) -> str:
         scores = probe_base(model, tok, cfg.position_ids)
         tqdm.write(f"step {step}: {scores}")
         return {"probe": scores}
-    fit(cfg, model, data, probe, {"command": "pretrain", **asdict(cfg), "model": vars(model.args)})
-    cfg.position_ids.save(os.path.join(cfg.run, "model"))  # its fine-tunes inherit the scheme
-    if cfg.export:
-        replace_folder(os.path.join(cfg.run, "model"), cfg.export)
-    print(f"saved the pretrained base to {cfg.export or os.path.join(cfg.run, 'model')}")
+    fit(cfg, model, data, probe, {"command": "pretrain", **asdict(cfg), "model": vars(model.args)}, world)
+    if world.main:
+        cfg.position_ids.save(os.path.join(cfg.run, "model"))  # its fine-tunes inherit the scheme
+        if cfg.export:
+            replace_folder(os.path.join(cfg.run, "model"), cfg.export)
+        print(f"saved the pretrained base to {cfg.export or os.path.join(cfg.run, 'model')}")
+    dist.finish()
     return cfg.run
 
 
@@ -182,74 +192,112 @@ def quick_check(model, tok, cfg: FinetuneConfig, n=32):
 
 
 # ----------------------------------------------------------------------------- what both share
-def fit(cfg: TrainConfig, model, data, probe, record: dict) -> int:
+def fit(cfg: TrainConfig, model, data, probe, record: dict, world=dist.World()) -> int:
     """Train `model` on `data` in cfg.run: its config.json (`record`), the optimizer, a resume, the
-    loop, then the checkpoint, the exported model and summary.json. Returns the last step."""
-    if cfg.resume:
-        check_resume(cfg.run, record)
+    loop, then the checkpoint, the exported model and summary.json. Returns the last step.
+    Under torchrun every process trains; rank 0 alone claims the folder and writes into it."""
+    if cfg.batch_size < world.size:
+        raise ValueError(f"--batch-size {cfg.batch_size} is smaller than the number of processes ({world.size})")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
-    step, elapsed = resume(cfg.run, model, opt) if cfg.resume else (0, 0.0)  # before any write: it may refuse
-    os.makedirs(cfg.run, exist_ok=True)
-    write_json(os.path.join(cfg.run, "config.json"), record)
-    print(f"{cfg.run}: {len(data)} training contexts, {sum(p.numel() for p in params) / 1e6:.2f}M "
-          f"trainable parameters on {cfg.device}")
-    step, elapsed = train_loop(cfg, model, opt, data, probe, step, elapsed)
-    save_checkpoint(cfg.run, model, opt, step, elapsed)
-    tok_path = EMBEDDED_TOKENIZER if cfg.base == "scratch" else tokenizer_file(resolve(cfg.base))
-    export(cfg.run, model, tok_path, cfg.base)
-    write_summary(cfg.run, data, step, cfg.batch_size, elapsed, cfg.device)
+    with claimed(cfg, model, opt, record, world) as ckpt:
+        step, elapsed = restore(ckpt, model, opt) if ckpt else (0, 0.0)
+        if world.main:
+            write_json(os.path.join(cfg.run, "config.json"), record)
+            print(f"{cfg.run}: {len(data)} training contexts, {sum(p.numel() for p in params) / 1e6:.2f}M "
+                  f"trainable parameters on {cfg.device}" + (f", {world.size} processes" if world.size > 1 else ""))
+        step, elapsed = train_loop(cfg, dist.wrap(model, world), opt, data, probe, step, elapsed, world)
+        if world.main:
+            save_checkpoint(cfg.run, model, opt, step, elapsed)
+            tok_path = EMBEDDED_TOKENIZER if cfg.base == "scratch" else tokenizer_file(resolve(cfg.base))
+            export(cfg.run, model, tok_path, cfg.base)
+            write_summary(cfg.run, data, step, cfg.batch_size, elapsed, cfg.device, world.size)
     return step
 
 
-def train_loop(cfg: TrainConfig, model, opt, data, probe, step, elapsed):
+def train_loop(cfg: TrainConfig, model, opt, data, probe, step, elapsed, world=dist.World()):
     """Steps until the budget is spent, the probe every cfg.eval_every. Ctrl-C (or SIGTERM) stops
-    it after the step in flight, so what is saved is the state as of a completed step. Returns
+    it after the step in flight, so what is saved is the state as of a completed step; every
+    process stops at the same step, since each step starts by agreeing whether to. Returns
     (step, seconds)."""
-    log = open(os.path.join(cfg.run, "metrics.jsonl"), "a")
+    core = getattr(model, "module", model)  # under DDP, the model itself
     stream = batches(data, cfg.batch_size, cfg.seed)
     for _ in range(step):  # same data order as an uninterrupted run
         next(stream)
-    t0, last_check = time.time() - elapsed, {}
-    bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", dynamic_ncols=True)  # total None: minutes
-    with stop_requests() as stop:
-        while budget_left(cfg, step, time.time() - t0) and not stop:
-            lr = get_lr(step, cfg, time.time() - t0)
+    t0 = time.time() - elapsed
+    with Progress(cfg, step, probe, world) as progress, stop_requests() as stop:
+        while True:
+            stopping, seconds = agree(stop, time.time() - t0, world)
+            if stopping or not budget_left(cfg, step, seconds):
+                break
+            lr = get_lr(step, cfg, seconds)
             for g in opt.param_groups:
                 g["lr"] = lr
+            if world.size > 1:  # dropout masks: each process its own, a function of (seed, step, rank)
+                torch.manual_seed((cfg.seed * 100_003 + step) * 1009 + world.rank)
             t1 = time.time()
-            loss, _, n_tokens = train_step(model, opt, [data[i] for i in next(stream)], cfg, step)
+            loss, _, n_tokens = train_step(model, opt, [data[i] for i in next(stream)], cfg, step, world)
             step += 1
-            rec = {"step": step, "loss": round(loss, 5), "lr": lr,
-                   "tok_s": round(n_tokens / (time.time() - t1)), "time": round(time.time() - t0, 2)}
-            if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
-                last_check = probe(model, step)
-                rec.update(last_check)
-                tqdm.write(f"step {step}: " + ", ".join(f"{k} {v}" for k, v in last_check.items()))
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=rec["tok_s"], **last_check, refresh=False)  # the last check stays shown
-            bar.update(1)
-            if step % cfg.save_every == 0:
-                save_checkpoint(cfg.run, model, opt, step, time.time() - t0)
-        if stop:
+            if world.main:
+                progress.record(core, step, loss, lr, n_tokens / (time.time() - t1), time.time() - t0)
+                if step % cfg.save_every == 0:
+                    save_checkpoint(cfg.run, core, opt, step, time.time() - t0)
+        if stopping and world.main:
             tqdm.write(f"stopped at step {step}; saving so that --resume continues from here")
-    bar.close()
-    log.close()
     return step, time.time() - t0
+
+
+class Progress:
+    """What rank 0 shows and keeps of each step: metrics.jsonl, the progress bar, the probe."""
+
+    def __init__(self, cfg: TrainConfig, step, probe, world):
+        self.cfg, self.probe, self.last_check = cfg, probe, {}
+        self.log = open(os.path.join(cfg.run, "metrics.jsonl"), "a") if world.main else None
+        self.bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
+                        disable=not world.main)  # total None: minutes
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):  # after a failed save too: the bar ends its line before the error is printed
+        self.bar.close()
+        if self.log:
+            self.log.close()
+
+    def record(self, model, step, loss, lr, tok_s, seconds):
+        rec = {"step": step, "loss": round(loss, 7), "lr": lr, "tok_s": round(tok_s), "time": round(seconds, 2)}
+        if self.cfg.eval_every and (step % self.cfg.eval_every == 0 or step == self.cfg.steps):
+            self.last_check = self.probe(model, step)
+            rec.update(self.last_check)
+            tqdm.write(f"step {step}: " + ", ".join(f"{k} {v}" for k, v in self.last_check.items()))
+        self.log.write(json.dumps(rec) + "\n")
+        self.log.flush()
+        self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=rec["tok_s"], **self.last_check, refresh=False)  # the last check stays shown
+        self.bar.update(1)
+
+
+def agree(stop, seconds, world):
+    """(whether any process was asked to stop, rank 0's clock): one small all-reduce a step, so
+    every process stops at the same step and a budget in minutes ends on the same one."""
+    asked, clock = dist.total([float(bool(stop)), seconds if world.main else 0.0], world)
+    return asked > 0, clock
 
 
 @contextlib.contextmanager
 def stop_requests():
     """Turn Ctrl-C and SIGTERM into a request to stop after the current step. Stopping inside a
     step would save an RNG state past the dropout noise that step drew, and a resumed run would
-    diverge from an uninterrupted one. A second signal stops at once (from the last checkpoint)."""
-    stop = []  # truthy once a signal arrived; the loop checks it between steps
+    diverge from an uninterrupted one. A second signal stops at once (from the last checkpoint),
+    unless it comes within a second of the first: Ctrl-C under torchrun reaches each process twice,
+    from the terminal and forwarded by torchrun."""
+    stop = []  # (signal, when) once a signal arrived; the loop checks it between steps
 
     def handler(signum, frame):
-        if stop:
+        if stop and time.monotonic() - stop[0][1] > 1.0:
             raise KeyboardInterrupt
-        stop.append(signum)
+        if stop:
+            return
+        stop.append((signum, time.monotonic()))
         tqdm.write(f"\n{signal.Signals(signum).name}: stopping after this step (again to stop at once)")
     old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -277,52 +325,49 @@ def get_lr(step, cfg: TrainConfig, elapsed=0.0):
     return cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
 
 
-def train_step(model, opt, items, cfg: TrainConfig, step=0):
+def train_step(model, opt, items, cfg: TrainConfig, step=0, world=dist.World()):
     """One optimizer step over a batch, in micro-batches; returns (loss, target tokens, tokens).
-    Position ids, unless contiguous, are drawn from a generator seeded by (seed, step, micro-batch)."""
+    Under torchrun `items` is still the whole batch: each process takes its share, and the loss is
+    normalised by the whole batch's target tokens, so the step is the single process's."""
     n_targets = sum(sum(mask) for _, mask in items)  # normalise per target token of the whole batch
+    positions = batch_positions(items, cfg, step)
+    core = getattr(model, "module", model)
+    mine = world.share(list(zip(items, positions)))
+    parts = [mine[m:m + cfg.micro_batch_size] for m in range(0, len(mine), cfg.micro_batch_size)]
     total, n_tokens = 0.0, 0
-    for m in range(0, len(items), cfg.micro_batch_size):
-        part = items[m:m + cfg.micro_batch_size]
-        x, y = collate(part, model.args.eos_id, cfg.device)
-        pos = cfg.position_ids.for_batch([mask for _, mask in part], x.shape[1], (cfg.seed * 100_003 + step) * 1009 + m)
-        with torch.autocast(cfg.device.split(":")[0], torch.bfloat16, enabled=cfg.use_bf16):
-            h = model(x, select=y != -100, positions=pos, hidden=True)  # only where there is loss
-        loss = linear_cross_entropy(h, model.lm_head.weight, y[y != -100], 1 / n_targets)
-        loss.backward()
-        total += loss.item()
+    for i, part in enumerate(parts):
+        x, y = collate([item for item, _ in part], core.args.eos_id, cfg.device)
+        pos = pad_positions([p for _, p in part], x.shape[1], cfg.device)
+        with model.no_sync() if world.size > 1 and i < len(parts) - 1 else contextlib.nullcontext():  # sync once
+            with torch.autocast(cfg.device.split(":")[0], torch.bfloat16, enabled=cfg.use_bf16):
+                h = model(x, select=y != -100, positions=pos, hidden=True)  # only where there is loss
+            # x world.size: DDP averages the processes' gradients, and the step needs their sum
+            loss = linear_cross_entropy(h, core.lm_head.weight, y[y != -100], world.size / n_targets)
+            loss.backward()
+        total += loss.item() / world.size
         n_tokens += x.numel()
+    total, n_tokens = dist.total([total, n_tokens], world)
     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return total, n_targets, n_tokens
+    return total, n_targets, int(n_tokens)
 
 
-def batches(data, batch_size, seed):
-    """Endless, deterministic stream of index lists; similar lengths share a batch (bucketing).
-
-    Each epoch: shuffle, cut into chunks of 16 batches, sort each chunk by length, slice it into
-    batches, shuffle those. Padding stays small and the order depends only on (seed, epoch).
-    """
-    for epoch in range(10**9):
-        rng = random.Random(seed * 100_003 + epoch)
-        order = list(range(len(data)))
-        rng.shuffle(order)
-        chunk = 16 * batch_size
-        for c in range(0, len(order) - batch_size + 1, chunk):
-            part = sorted(order[c:c + chunk], key=lambda i: len(data[i][0]))
-            group = [part[i:i + batch_size] for i in range(0, len(part) - batch_size + 1, batch_size)]
-            rng.shuffle(group)
-            yield from group
+def batch_positions(items, cfg: TrainConfig, step) -> list:
+    """Each context's position ids (None: contiguous), drawn per micro-batch of the whole batch
+    from a generator seeded by (seed, step, micro-batch): the same whichever process trains it."""
+    if cfg.position_ids.scheme == "contiguous":
+        return [None] * len(items)
+    rows = []
+    for m in range(0, len(items), cfg.micro_batch_size):
+        part = items[m:m + cfg.micro_batch_size]
+        T = max(len(ids) for ids, _ in part) - 1
+        rows += list(cfg.position_ids.for_batch([mask for _, mask in part], T, (cfg.seed * 100_003 + step) * 1009 + m))
+    return rows
 
 
-def collate(items, pad_id, device):
-    """Right-pad; the target at t is token t+1 where it is a completion token or EOS, else -100."""
-    T = max(len(ids) for ids, _ in items) - 1
-    x = torch.full((len(items), T), pad_id, dtype=torch.long)
-    y = torch.full((len(items), T), -100, dtype=torch.long)
-    for i, (ids, mask) in enumerate(items):
-        ids_t, mask_t = torch.tensor(ids), torch.tensor(mask, dtype=torch.bool)
-        x[i, :len(ids) - 1] = ids_t[:-1]
-        y[i, :len(ids) - 1] = torch.where(mask_t[1:], ids_t[1:], -100)
-    return x.to(device), y.to(device)
+def pad_positions(rows, T, device):
+    """Rows of position ids cut or extended to width T (past a row's end nothing attends to them)."""
+    if rows[0] is None:
+        return None
+    return torch.stack([torch.cat([r[:T], r[-1] + 1 + torch.arange(max(0, T - len(r)))]) for r in rows]).to(device)

@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train  # noqa: E402
 from checkpoint import Tokenizer  # noqa: E402
-from data import training_contexts  # noqa: E402
+from data import batches, training_contexts  # noqa: E402
 from lora import TARGETS, apply_lora  # noqa: E402
 from model import Llama, ModelArgs  # noqa: E402
 from runs import EMBEDDED_TOKENIZER, SMOLLM2_DIR  # noqa: E402
@@ -56,7 +56,7 @@ def real_batches(spec, batch, steps, tok, max_len=None):
     task, method = spec.split("-")
     contexts = training_contexts(task, method, max_len or TASKS[task].train_len, 0, 16 * batch * (steps + WARMUP))
     data = [context_ids(tok, segs) for segs in contexts]
-    stream = train.batches(data, batch, 0)
+    stream = batches(data, batch, 0)
     return [[data[i] for i in next(stream)] for _ in range(steps + WARMUP)], tok.eos_id
 
 

@@ -20,6 +20,7 @@ gguf = pytest.importorskip("gguf", reason="requirements-convert.txt is not insta
 transformers = pytest.importorskip("transformers")
 
 import convert  # noqa: E402
+import retuning  # noqa: E402
 from checkpoint import CheckpointError, Tokenizer  # noqa: E402
 from model import KVCache, Llama  # noqa: E402
 
@@ -113,6 +114,21 @@ def test_the_inverse_permutation_undoes_llama_cpps():
     w = np.arange(8 * 64 * 3, dtype=np.float32).reshape(8 * 64 // 8, -1)
     assert np.array_equal(convert.unpermute(llama_cpp_permute(w, 4), 4), w)
     assert not np.array_equal(llama_cpp_permute(w, 4), w)
+
+
+@pytest.mark.parametrize("keep", [0.97, 0.5, 0.01])
+def test_a_truncated_gguf_is_named_as_such_in_one_line(tmp_path, capsys, keep):
+    """Cut inside the last tensor, the tensor table or the header: one line saying the file is
+    truncated or corrupt, exit 2, no folder written."""
+    src = write_tiny_gguf(tmp_path / "tiny.gguf", gguf.GGMLQuantizationType.Q8_0)
+    data = src.read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[:int(len(data) * keep)])
+    with pytest.raises(SystemExit) as e:
+        retuning.main(["convert", str(cut), str(tmp_path / "hf")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "truncated or corrupt" in err and str(cut) in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "hf").exists()
 
 
 def test_convert_refuses_other_architectures_and_existing_folders(tmp_path):

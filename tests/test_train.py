@@ -13,7 +13,7 @@ import retuning
 import tasks
 import train
 from checkpoint import Tokenizer
-from data import training_contexts
+from data import batches, collate, training_contexts
 from lora import TARGETS, apply_lora, lora_layers
 from model import Llama, ModelArgs
 from runs import EMBEDDED_TOKENIZER, save_checkpoint
@@ -37,7 +37,7 @@ def test_loss_goes_down_on_a_tiny_model_in_a_few_seconds(tmp_path):
 def test_the_loss_mask_covers_exactly_the_completions_and_their_eos():
     segs = tasks.TASKS["dp"].trace("[3, -2, 4]", "retuning")[0]  # top context: two calls and an answer
     ids, mask = tasks.context_ids(TOK, segs)
-    x, y = train.collate([(ids, mask)], TOK.eos_id, "cpu")
+    x, y = collate([(ids, mask)], TOK.eos_id, "cpu")
     targets = [t for t in y[0].tolist() if t != -100]
     expected = sum((tasks.completion_ids(TOK, c) for c in segs[1::2]), [])
     assert targets == expected
@@ -179,11 +179,11 @@ def test_fifty_training_steps_give_the_losses_of_a_plain_reference_that_computes
     ref = copy.deepcopy(ours)
     opts = [torch.optim.AdamW(m.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
             for m in (ours, ref)]
-    stream = train.batches(data, cfg.batch_size, 0)
+    stream = batches(data, cfg.batch_size, 0)
     for step in range(50):
         items = [data[i] for i in next(stream)]
         loss, _, _ = train.train_step(ours, opts[0], items, cfg, step)
-        x, y = train.collate(items, TOK.eos_id, "cpu")
+        x, y = collate(items, TOK.eos_id, "cpu")
         ref_loss = torch.nn.functional.cross_entropy(ref(x).flatten(0, 1), y.flatten(), ignore_index=-100)
         ref_loss.backward()
         torch.nn.utils.clip_grad_norm_(ref.parameters(), cfg.clip)
