@@ -2,9 +2,10 @@
 
     python bench/decode.py                     # Re-Tuning addition at 8, 16 and 32 digits
     python bench/decode.py --digits 16 --batch 128 --oracle-problems 2
+    python bench/decode.py --shape smollm2 --bf16 --digits 16     # SmolLM2-135M's shape (or --run RUN)
 
-Every decoder runs the same Llama (random weights, the embedded default's shape unless --run is
-given) on the same, realistic call trees: tracemodel.TraceModel makes the model's choices those of
+Every decoder runs the same Llama (random weights at --shape, the embedded default's unless told,
+or a trained --run) on the same, realistic call trees: tracemodel.TraceModel makes the model's choices those of
 the true trace, while the real model still computes every forward pass. So the three columns
 differ only in how contexts are scheduled and cached:
   batched  all open contexts of all problems advance together, one KV-cache slot per context;
@@ -28,7 +29,8 @@ from checkpoint import Tokenizer  # noqa: E402
 from data import eval_problems  # noqa: E402
 from decoder import Solve, decode, decode_naive, eval_limits  # noqa: E402
 from model import Llama, ModelArgs  # noqa: E402
-from runs import EMBEDDED_TOKENIZER, load_run  # noqa: E402
+from runs import EMBEDDED_TOKENIZER, SMOLLM2_DIR, load_run  # noqa: E402
+from shapes import SHAPES  # noqa: E402
 from tracemodel import TraceModel  # noqa: E402
 
 
@@ -74,12 +76,24 @@ def release_harness(hf, forced, tok, problems, lim):
 
 
 def hf_twin(model, device):
-    """The same weights as a transformers LlamaForCausalLM."""
+    """The same weights as a transformers LlamaForCausalLM, in the same dtype."""
     import tempfile
     import transformers
     with tempfile.TemporaryDirectory() as d:
         model.save_pretrained(d)
-        return transformers.LlamaForCausalLM.from_pretrained(d).to(device).eval()
+        return transformers.LlamaForCausalLM.from_pretrained(d, dtype=model.embed_tokens.weight.dtype).to(device).eval()
+
+
+def random_model(shape, bf16, device):
+    """A Llama of a benchmark shape with random weights, and a tokenizer for its trace: SmolLM2's
+    own at its shape when `convert` has written it, else the embedded one (its ids fit any vocab)."""
+    tok = Tokenizer.from_folder(SMOLLM2_DIR) if shape == "smollm2" and os.path.isdir(SMOLLM2_DIR) else Tokenizer(EMBEDDED_TOKENIZER)
+    args = ModelArgs(**{**SHAPES[shape], "vocab_size": max(SHAPES[shape]["vocab_size"], tok.vocab_size)},
+                     bos_id=tok.bos_id, eos_id=tok.eos_id)
+    torch.manual_seed(0)
+    with torch.device(device):  # nn.Linear's own random init, made where it runs (fast even at 7B)
+        model = Llama(args)
+    return model.to(torch.bfloat16 if bf16 else torch.float32).eval(), tok
 
 
 def main():
@@ -90,18 +104,18 @@ def main():
     p.add_argument("--oracle-problems", type=int, default=8)
     p.add_argument("--release-problems", type=int, default=8)
     p.add_argument("--rounds", type=int, default=3, help="turns each decoder takes (the rates are over all of them)")
-    p.add_argument("--run", default=None, help="a trained run folder (default: random weights)")
+    p.add_argument("--run", default=None, help="a trained run folder (default: random weights at --shape)")
+    p.add_argument("--shape", choices=list(SHAPES), default="embedded", help="the random model's shape")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 weights (always on CUDA)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     if args.run:
         model, tok, _ = load_run(args.run, args.device)
     else:
-        tok = Tokenizer(EMBEDDED_TOKENIZER)
-        model = Llama(ModelArgs(dim=128, n_layers=4, n_heads=4, hidden_dim=341, vocab_size=tok.vocab_size,
-                                bos_id=tok.bos_id, eos_id=tok.eos_id)).to(args.device)
-        model.init_weights(0)
+        model, tok = random_model(args.shape, args.bf16 or args.device.startswith("cuda"), args.device)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {n_params / 1e6:.2f}M parameters on {args.device}, {torch.get_num_threads()} threads")
+    print(f"model: {args.run or args.shape}, {n_params / 1e6:.2f}M parameters, {model.embed_tokens.weight.dtype} on "
+          f"{args.device}, {torch.get_num_threads()} threads")
     hf = hf_twin(model, args.device)
     print("| digits | decoder | problems | problems/s | generated tokens/s | speed-up vs oracle |")
     print("|---|---|---|---|---|---|")

@@ -30,15 +30,8 @@ from data import batches, training_contexts  # noqa: E402
 from lora import TARGETS, apply_lora  # noqa: E402
 from model import Llama, ModelArgs  # noqa: E402
 from runs import EMBEDDED_TOKENIZER, SMOLLM2_DIR  # noqa: E402
+from shapes import SHAPES  # noqa: E402
 from tasks import TASKS, context_ids  # noqa: E402
-
-SHAPES = {  # LLaMA-7B (Touvron et al. 2023, Table 2), SmolLM2-135M, the embedded base, a small one
-    "7b": dict(dim=4096, n_layers=32, n_heads=32, hidden_dim=11008, vocab_size=32000),
-    "smollm2": dict(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, hidden_dim=1536, vocab_size=49152,
-                    rope_theta=100000.0, tie_word_embeddings=True),
-    "embedded": dict(dim=128, n_layers=4, n_heads=4, hidden_dim=341, vocab_size=768),
-    "small": dict(dim=512, n_layers=4, n_heads=8, hidden_dim=1376, vocab_size=32000),
-}
 
 WARMUP = 3  # steps each side runs before the clock counts (allocator, caches, lazy init)
 
@@ -87,6 +80,40 @@ def interleaved(steps, batches, device):
             t = clock(step, items, device)
             total[k] += t if i >= WARMUP else 0.0
     return [t / (len(batches) - WARMUP) for t in total]
+
+
+def step_flops(a: ModelArgs, r: int, targets, batch) -> float:
+    """Matrix FLOPs one LoRA step must do on `batch` (real tokens only, padding is overhead):
+    per token and projection (in -> out) the frozen GEMM forward and its input gradient (2 x 2 in
+    out) and LoRA's A, B forward, input and weight gradients (3 x 2 r (in + out)); attention's two
+    products over the causal half of each context, forward and backward (3 x 2 x 2 hd heads T^2 / 2);
+    the last block's MLP and the output layer (4 dim vocab) only at loss positions, as ours does."""
+    q, kv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+    shapes = {"q_proj": (a.dim, q), "k_proj": (a.dim, kv), "v_proj": (a.dim, kv), "o_proj": (q, a.dim),
+              "gate_proj": (a.dim, a.hidden_dim), "up_proj": (a.dim, a.hidden_dim), "down_proj": (a.hidden_dim, a.dim)}
+    attn = sum(4 * i * o + (6 * r * (i + o) if name in targets else 0) for name, (i, o) in shapes.items() if name[0] in "qkvo")
+    mlp = sum(4 * i * o + (6 * r * (i + o) if name in targets else 0) for name, (i, o) in shapes.items() if name[0] not in "qkvo")
+    total = 0.0
+    for ids, mask in batch:
+        T, n_loss = len(ids) - 1, sum(mask[1:])
+        total += a.n_layers * (T * attn + 6 * a.head_dim * a.n_heads * T * T) + (a.n_layers - 1) * T * mlp
+        total += n_loss * (mlp + 4 * a.dim * a.vocab_size)
+    return total
+
+
+def matmul_peak(a: ModelArgs, tokens: int, dtype, device) -> float:
+    """FLOP/s of this machine's plain `x @ w` at the model's own GEMM shapes (`tokens` rows): the
+    limit a step's matrix work could run at."""
+    q = a.n_heads * a.head_dim
+    shapes = [(a.dim, q), (a.dim, a.n_kv_heads * a.head_dim), (q, a.dim), (a.dim, a.hidden_dim), (a.hidden_dim, a.dim)]
+    flops, seconds = 0.0, 0.0
+    for i, o in shapes:
+        x, w = torch.randn(tokens, i, dtype=dtype, device=device), torch.randn(i, o, dtype=dtype, device=device)
+        for _ in range(3):
+            x @ w
+        seconds += clock(lambda _: [x @ w for _ in range(10)], None, device)
+        flops += 10 * 2 * tokens * i * o
+    return flops / seconds
 
 
 def ours_step(model, cfg):
@@ -156,7 +183,14 @@ def main():
     useful = sum(sum(mask) - mask[0] for items in batches[WARMUP:] for _, mask in items) / (len(batches) - WARMUP)
     print(f"| ours (model.py + lora.py + train.train_step) | {s_ours:.3f} | {useful / s_ours:.0f} |")
     print(f"| transformers + peft | {s_hf:.3f} | {useful / s_hf:.0f} |")
+    timed = batches[WARMUP:]
+    flops = sum(step_flops(shape, args.r, targets, b) for b in timed) / len(timed)
+    tokens = round(sum(len(ids) - 1 for b in timed for ids, _ in b) / len(timed))
+    peak = matmul_peak(shape, tokens, dtype, args.device)
+    print(f"matrix work: {flops / 1e9:.0f} GFLOP a step ({tokens} tokens); {dtype} x @ w at the model's GEMM shapes "
+          f"here: {peak / 1e9:.0f} GFLOP/s; ours {flops / s_ours / 1e9:.0f} GFLOP/s, transformers + peft {flops / s_hf / 1e9:.0f}")
     print(f"speed-up: {s_hf / s_ours:.2f}x")
+    print(f"of peak: {100 * flops / s_ours / peak:.0f}% (transformers + peft: {100 * flops / s_hf / peak:.0f}%)")
 
 
 if __name__ == "__main__":

@@ -153,3 +153,9 @@ def test_a_failed_checkpoint_write_is_one_line_and_the_previous_checkpoint_resum
     capsys.readouterr()
     retuning.main(["train", "--task", "parity", *TINY, "--steps", "4", "--resume", "--out", run])
     assert torch.load(ckpt, weights_only=True)["step"] == 4 and len(losses(run)) == 4
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_the_gpu_check_says_in_one_line_that_there_is_no_gpu():
+    p = subprocess.run(["bash", "bench/gpu.sh"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and p.stdout == "" and len(p.stderr.splitlines()) == 1 and "no CUDA device" in p.stderr

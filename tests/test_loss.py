@@ -37,3 +37,18 @@ def test_a_frozen_weight_gets_no_gradient_and_a_scaled_loss_scales_its_gradient(
     F.cross_entropy(ref @ w.t(), y, reduction="sum").backward()
     assert w.grad is None
     torch.testing.assert_close(h.grad, ref.grad)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_the_fused_loss_and_its_gradient_equal_the_textbook_ones():
+    g = torch.Generator().manual_seed(0)
+    h0, w = torch.randn(300, 64, generator=g).bfloat16().cuda(), torch.randn(1000, 64, generator=g).bfloat16().cuda()
+    y = torch.randint(0, 1000, (300,), generator=g).cuda()
+    results = []
+    for fn in (textbook, loss.linear_cross_entropy):
+        h = h0.clone().requires_grad_()
+        value = fn(h, w, y, 1 / 300)
+        value.backward()
+        results.append((value.detach().float(), h.grad.float()))
+    for ref, ours in zip(*results):
+        torch.testing.assert_close(ours, ref, atol=2e-3, rtol=2e-2)
