@@ -1,6 +1,6 @@
 """Position ids: the position each token of a context is given, in training and at test.
 
-Why this is an option (issue 10, measured on the embedded base): a tiny Llama fine-tuned with
+Why this is an option (measured on the embedded base): a tiny Llama fine-tuned with
 contiguous positions copies a sub-problem's digits by *position offset* (one head reads exactly
 2k+8 positions back for a k-digit problem) and stops by counting positions, so a call beyond the
 training length is truncated to the longest length it saw. Making positions uninformative about

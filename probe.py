@@ -5,7 +5,7 @@
 
 Re-Tuning's call step is a copy (paper Sec. 3: the sub-problem is the problem with its first
 digit dropped), so a base whose copy works only by *position offset* cannot write calls longer
-than those it was fine-tuned on (issue 10). Two measurements show which kind of copy a base has:
+than those it was fine-tuned on (README, Results). Two measurements show which kind of copy a base has:
 
 - by length: exact copy of an n-digit string and exact drop-first of a k + k digit pair, on
   pretraining-style prompts (pretrain.py), from well inside to far beyond pretraining's lengths;

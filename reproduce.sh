@@ -6,7 +6,7 @@
 #
 # Each (task, method) fine-tunes the same base (BASE, default the committed assets/base) with LoRA
 # for the same budget in optimizer steps (STEPS_<task>; addition's and DP's are the most their
-# scratchpads, the longest contexts, do in the ~15 minutes issue 10 allows a fine-tune), in the
+# scratchpads, the longest contexts, do in the ~15 minutes we allowed a fine-tune), in the
 # base's own position scheme (positions.py; POSITIONS overrides it, for every method alike), and
 # REHEARSAL mixes that fraction of pretraining items into every method's data (default none).
 # Two runs share the machine's two cores at a time, Re-Tuning's first. Then every run is

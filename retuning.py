@@ -19,7 +19,7 @@ from dataclasses import fields
 
 import torch
 
-from checkpoint import Tokenizer
+from checkpoint import Tokenizer, read_json_object
 from data import show, token_table
 from flags import Parser, device, fraction, non_negative, non_negative_float, positive, positive_float
 from decoder import decode, eval_limits, format_trace
@@ -62,8 +62,19 @@ def resolve_config(cls, args, name, **resolved):
     resolved.update(
         run=run, device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
         steps=args.default_steps if args.steps is None and args.minutes is None else args.steps)
-    resolved["n_examples"] = args.n_examples or (resolved["steps"] * args.batch_size if resolved["steps"] else 100_000)
+    stored = stored_config(run) if args.resume else {}  # a resumed run keeps what its first budget derived
+    resolved["n_examples"] = args.n_examples or stored.get("n_examples") or (
+        resolved["steps"] * args.batch_size if resolved["steps"] else 100_000)
+    resolved["schedule_steps"] = stored.get("schedule_steps", stored.get("steps")) if stored else resolved["steps"]
     return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if f.name not in resolved}, **resolved)
+
+
+def stored_config(run) -> dict:
+    """The config.json of the run to resume, read only (a missing or bad one is refused later, by train)."""
+    try:
+        return read_json_object(os.path.join(run, "config.json"))
+    except (ValueError, OSError):
+        return {}
 
 
 def data(args):
@@ -133,7 +144,7 @@ def model_flags(t, base):
     g.add_argument("--n-layers", type=positive, default=4, help="scratch model depth")
     g.add_argument("--n-heads", type=positive, default=4, help="scratch model heads")
     g.add_argument("--positions", choices=SCHEMES, default=None,
-                   help="position ids (positions.py, issue 10): 'gaps' at segment boundaries in training; 'stretched' "
+                   help="position ids (positions.py): 'gaps' at segment boundaries in training; 'stretched' "
                         "random steps between tokens, or 'randomized' sorted random ids, in training and at test "
                         "(default: the base's own, from its positions.json; else contiguous)")
     g.add_argument("--max-gap", type=non_negative, default=None,

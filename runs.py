@@ -137,11 +137,13 @@ def claimed(cfg, model, opt, record, world):
 def check_resume(run, record: dict):
     """Refuse to resume a run with a different config, naming the keys, before writing anything."""
     stored = {**ADDED_KEYS, **read_json_object(os.path.join(run, "config.json"))}
+    stored.setdefault("schedule_steps", stored.get("steps"))  # runs from before extensions: the budget they had
     record = json.loads(json.dumps(record))  # tuples as lists, as stored
     keys = sorted(k for k in set(stored) | set(record) if k not in MAY_CHANGE_ON_RESUME and stored.get(k) != record.get(k))
-    if keys:
+    if keys:  # named as the flags that set them
         raise ValueError(f"{run}: cannot resume with a different " + ", ".join(
-            f"{k} ({stored.get(k)!r} stored, {record.get(k)!r} given)" for k in keys))
+            f"--{k.replace('_', '-')} ({stored.get(k)!r} in the run, {record.get(k)!r} now)" for k in keys)
+            + "; only --steps, --minutes, --device, --eval-every and --save-every may change")
 
 
 def save_checkpoint(run, model, opt, step, elapsed):

@@ -53,6 +53,7 @@ class TrainConfig:
     # the budget: wall time (the LR schedule follows the clock) or steps, whichever ends first
     minutes: Optional[float] = None
     steps: Optional[int] = None
+    schedule_steps: Optional[int] = None  # the steps the LR schedule spans: the first budget, kept when a run is extended
     n_examples: int = 100_000  # training contexts drawn, then repeated
     # optimisation
     batch_size: int = 32
@@ -313,12 +314,15 @@ def budget_left(cfg: TrainConfig, step, seconds) -> bool:
 
 def get_lr(step, cfg: TrainConfig, elapsed=0.0):
     # 1) linear warm-up, 2) constant (the paper's schedule) or 3) cosine decay to 10%, over the
-    # steps or, with --minutes, over the wall time (a budget in minutes, not in steps)
+    # steps or, with --minutes, over the wall time (a budget in minutes, not in steps). A run
+    # extended past its first budget (--resume --steps N) goes on at the final 10%: its schedule
+    # spans the first budget, so the extension neither restarts nor rescales what was done.
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     if cfg.schedule == "constant":
         return cfg.lr
-    progress = 0.0 if cfg.steps is None else (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    span = cfg.schedule_steps or cfg.steps
+    progress = 0.0 if span is None else (step - cfg.warmup) / max(1, span - cfg.warmup)
     if cfg.minutes:
         progress = max(progress, elapsed / (60 * cfg.minutes))
     progress = min(1.0, progress)

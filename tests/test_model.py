@@ -1,6 +1,6 @@
 """Tests for model.py: logits against transformers (loaded through checkpoint.py), the KV cache.
 
-Run: cd /work/main && python -m pytest tests/test_model.py -q
+Run: python -m pytest tests/test_model.py -q
 
 Everything runs on CPU in float32 (bf16 where stated) on tiny random models built here with
 transformers; nothing is downloaded. The reference is transformers.LlamaForCausalLM with eager

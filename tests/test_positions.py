@@ -1,4 +1,4 @@
-"""Tests for positions.py, the position-id schemes of issue 10. Run: python -m pytest tests/test_positions.py -q"""
+"""Tests for positions.py, the position-id schemes. Run: python -m pytest tests/test_positions.py -q"""
 import json
 
 import pytest

@@ -13,7 +13,7 @@ TOK = Tokenizer(EMBEDDED_TOKENIZER)
 
 
 class Copier(torch.nn.Module):
-    """Knows every answer of the given items; `by_position` copies the way issue 10 found the tiny
+    """Knows every answer of the given items; `by_position` copies the way we found the tiny
     base does: right only while the position ids are 0, 1, 2, ... (any shift sends it off)."""
 
     def __init__(self, pairs, by_position):

@@ -149,9 +149,27 @@ def test_resume_refuses_a_different_config_before_writing_anything(tmp_path, cap
     run = tmp_path / "r"
     retuning.main(["train", "--task", "parity", "--steps", "2", "--out", str(run), *TINY])
     config = (run / "config.json").read_bytes()
-    assert "task ('parity' stored, 'addition' given)" in error_of(
+    assert "--task ('parity' in the run, 'addition' now)" in error_of(
         ["train", "--task", "addition", "--steps", "4", "--out", str(run), "--resume", *TINY], capsys)
+    assert "--lr (0.002 in the run, 0.5 now)" in error_of(
+        ["train", "--task", "parity", "--steps", "4", "--lr", "0.5", "--out", str(run), "--resume", *TINY], capsys)
     assert (run / "config.json").read_bytes() == config
+
+
+def test_resume_with_more_steps_extends_a_finished_run_at_its_final_learning_rate(tmp_path):
+    """--resume --steps N on a finished run (no --n-examples: the run's own is kept) continues it;
+    the cosine still spans the first budget, so the extension runs at its final 10% of --lr."""
+    run = tmp_path / "r"
+    flags = ["train", "--task", "parity", "--base", "scratch", "--dim", "32", "--n-layers", "2", "--n-heads", "2",
+             "--batch-size", "8", "--eval-every", "0", "--warmup", "2", "--lr", "0.002", "--out", str(run)]
+    retuning.main([*flags, "--steps", "6"])
+    first = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    retuning.main([*flags, "--steps", "10", "--resume"])
+    rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    config = json.loads((run / "config.json").read_text())
+    assert [r["step"] for r in rows] == list(range(1, 11)) and rows[:6] == first
+    assert [r["lr"] for r in rows[6:]] == pytest.approx([0.0002] * 4)
+    assert (config["steps"], config["schedule_steps"], config["n_examples"]) == (10, 6, 48)
 
 
 def test_a_malformed_problem_is_a_one_line_error(tmp_path, capsys):
@@ -171,7 +189,7 @@ def test_solve_prints_the_call_tree_and_the_answer(tmp_path, capsys):
 def test_fifty_training_steps_give_the_losses_of_a_plain_reference_that_computes_every_logit():
     """train_step (bucketed batches, micro-batches, the output layer only where there is loss) is an
     optimisation of the textbook step: full logits of the padded batch, mean cross-entropy over
-    the -100-masked labels, one backward. Same batches, same start: same 50 losses (issue 14)."""
+    the -100-masked labels, one backward. Same batches, same start: same 50 losses."""
     data = [tasks.context_ids(TOK, segs) for segs in training_contexts("addition", "retuning", 4, 0, 400)]
     cfg = train.TrainConfig(run="unused", batch_size=8, micro_batch_size=3, lr=3e-3)
     ours = Llama(ModelArgs(dim=32, n_layers=2, n_heads=2, hidden_dim=64, vocab_size=TOK.vocab_size)).train()
