@@ -3,11 +3,11 @@ import copy
 
 import pytest
 import torch
-import transformers
 
 from lora import Dropout, LoRALinear, apply_lora, load_adapter, lora_layers, merge_lora, save_adapter, unmerge_lora
 from model import Llama
 
+transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 

@@ -12,9 +12,11 @@ import shutil
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from model import KVCache, Llama, ModelArgs, attend
+
+transformers = pytest.importorskip("transformers")  # the oracle (requirements-dev.txt)
+LlamaConfig, LlamaForCausalLM = transformers.LlamaConfig, transformers.LlamaForCausalLM
 
 # ----------------------------------------------------------------------------- tiny models
 TINY = dict(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
