@@ -117,11 +117,12 @@ def evaluate(run, lengths, per_length, seed, batch_size, device, n_failures=3, b
 
 def table(results) -> str:
     lengths = sorted({int(L) for r in results for L in r["accuracy"]})
-    head = "| task | method | positions | train ≤ | " + " | ".join(map(str, lengths)) + " |"
-    rows = [head, "|" + "---|" * (4 + len(lengths))]
-    for r in results:
+    head = "| task | method | positions | train ≤ | " + " | ".join(map(str, lengths)) + " | run |"
+    rows = [head, "|" + "---|" * (5 + len(lengths))]
+    for r in results:  # the run's folder last: a fresh run and the committed ones it is compared with
         cells = [f"{100 * r['accuracy'][str(L)]:.0f}" if str(L) in r["accuracy"] else "" for L in lengths]
-        rows.append(f"| {r['task']} | {r['method']} | {positions(r)} | {r['train_length']} | " + " | ".join(cells) + " |")
+        rows.append(f"| {r['task']} | {r['method']} | {positions(r)} | {r['train_length']} | " + " | ".join(cells)
+                    + f" | {r['run']} |")
     return "\n".join(rows)
 
 

@@ -17,6 +17,31 @@
 # log) that `python eval.py OUT/runs/<task>-<method>` evaluates again.
 set -euo pipefail
 cd "$(dirname "$0")"
+
+# bash reproduce.sh smollm2: the same comparison on the real SmolLM2-135M (`python retuning.py
+# convert` first), one run at a time (each uses both cores), into results/smollm2/<task>-<method>/;
+# each task's budget in steps is the same for its three formats. Training lengths: addition 1-5
+# digits, parity 1-8 bits, DP 2-5 elements (the paper's); evaluated to twice that (DP: 2-10).
+if [ "${1:-}" = smollm2 ]; then
+    OUT=${OUT:-results/smollm2}
+    TASKS=${TASKS:-addition parity dp}
+    declare -A STEPS=([addition]=1000 [parity]=1000 [dp]=700) MAX_LEN=([addition]=5 [parity]=8 [dp]=5)
+    for task in $TASKS; do
+        for method in retuning baseline scratchpad; do
+            [ -f "$OUT/$task-$method/summary.json" ] && continue  # finished: kept (rm -r it to train again)
+            again=--overwrite
+            [ -f "$OUT/$task-$method/checkpoint.pt" ] && again=--resume  # interrupted: continued
+            TQDM_MININTERVAL=60 python retuning.py train --task "$task" --method "$method" --base smollm2 \
+                --max-len "${MAX_LEN[$task]}" --bf16 --lora-r 16 --lora-alpha 32 --lora-dropout 0 --lr 1e-3 --warmup 30 \
+                --steps "${STEPS[$task]}" --eval-every 0 --out "$OUT/$task-$method" $again >> "$OUT/$task-$method.log" 2>&1
+            echo "$task-$method: $(tail -n 1 "$OUT/$task-$method.log")"
+        done
+    done
+    runs=()
+    for task in $TASKS; do runs+=("$OUT"/"$task"-*/); done
+    python eval.py "${runs[@]}" --per-length "${PER_LENGTH:-50}" --by-step --out "$OUT/eval" | tee "$OUT/eval.log"
+    exit 0
+fi
 OUT=${OUT:-results}
 BASE=${BASE:-assets/base}
 TASKS=${TASKS:-addition parity dp}
