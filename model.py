@@ -195,7 +195,7 @@ class KVCache:
 
     def alloc(self, positions: Optional[torch.Tensor] = None) -> int:
         """A fresh, empty slot; `positions` gives its i-th token the position id positions[i]
-        instead of i (positions.py: randomized positions at test)."""
+        instead of i (positions.py: stretched positions at test)."""
         if not self.free:
             self.free.append(len(self.length))
             self.length.append(0)

@@ -1,28 +1,22 @@
 """Position ids: the position each token of a context is given, in training and at test.
 
-Why this is an option (measured on the embedded base): a tiny Llama fine-tuned with
-contiguous positions copies a sub-problem's digits by *position offset* (one head reads exactly
-2k+8 positions back for a k-digit problem) and stops by counting positions, so a call beyond the
-training length is truncated to the longest length it saw. Making positions uninformative about
-length is the known cure for that (Ruoss et al., ACL 2023, randomized positional encodings;
-Zhu et al., ICLR 2024, PoSE position skips). The schemes, the same for every method:
+Why this is an option (measured on the embedded base, docs/EXPERIMENTS.md): a tiny Llama
+pretrained and fine-tuned with contiguous positions copies a sub-problem's digits by *position
+offset* (one head reads exactly 2k+8 positions back for a k-digit problem) and stops by counting
+positions, so a call beyond the training length is truncated to the longest length it saw.
+Positions that do not count are the known cure (Ruoss et al., ACL 2023, randomized positional
+encodings; Zhu et al., ICLR 2024, PoSE position skips). The two schemes, the same for every method:
 
-- `contiguous`: 0, 1, 2, ... (the usual; the default);
-- `gaps`: in training, a random gap of 0..max_gap extra positions wherever the loss mask flips
-  (prompt -> completion -> returned value -> ...), so offsets across segments vary; contiguous
-  at test;
+- `contiguous`: 0, 1, 2, ... (the usual; every pretrained LM, SmolLM2 included);
 - `stretched`: in training *and* at test, every step from one token to the next is 1 + a random
   0..max_gap, drawn independently: a distance in positions says only roughly how many tokens lie
-  between, and the statistics are the same in a context of any length;
-- `randomized`: in training *and* at test, each context's positions are a sorted random subset
-  of 0..span-1 (Ruoss et al.), so no absolute or relative distance reveals a length. A context
-  of n tokens is drawn as the first n of a subset of 2n + 16 (the decoder's budget for it,
-  decoder.eval_limits), so ids are as dense in training as at test: measured, a model trained on
-  one density and tested on a 2x denser one fails even in distribution.
+  between, and the statistics are the same in a context of any length.
+
+Two more lost and live in the history and in docs/EXPERIMENTS.md: random gaps only where the loss
+mask flips (training only), and Ruoss-style sorted random subsets of a span.
 
 A base pretrained with a scheme keeps it in its folder (positions.json), and a fine-tune of that
 base uses it unless told otherwise: a base that never saw contiguous ids should not meet them.
-
 Draws come from generators seeded by the training step or by the problem, never from the global
 RNG: a resumed run draws what an uninterrupted one would, and both decoders agree.
 """
@@ -35,14 +29,13 @@ import torch
 
 from checkpoint import read_json_object, write_json
 
-SCHEMES = ("contiguous", "gaps", "stretched", "randomized")
+SCHEMES = ("contiguous", "stretched")
 
 
 @dataclass(frozen=True)
 class Positions:
     scheme: str = "contiguous"
-    max_gap: int = 12  # gaps: the largest extra gap at a segment boundary; stretched: between tokens
-    span: int = 1024  # randomized: positions are drawn from range(span)
+    max_gap: int = 12  # stretched: the largest extra step between two tokens
 
     def __post_init__(self):
         if self.scheme not in SCHEMES:
@@ -51,12 +44,11 @@ class Positions:
     @classmethod
     def of_run(cls, cfg: dict) -> "Positions":
         """The scheme a run was trained with, from its config.json (runs before it existed: contiguous)."""
-        return cls(cfg.get("positions", "contiguous"), cfg.get("max_gap", 12), cfg.get("position_span", 1024))
+        return cls(cfg.get("positions", "contiguous"), cfg.get("max_gap", 12))
 
     def describe(self) -> str:
-        """For tables: 'contiguous', 'gaps 0-12', 'stretched 1-3', 'randomized of 1024'."""
-        return {"contiguous": "contiguous", "gaps": f"gaps 0-{self.max_gap}", "stretched": f"stretched 1-{1 + self.max_gap}",
-                "randomized": f"randomized of {self.span}"}[self.scheme]
+        """For tables: 'contiguous', 'stretched 1-3'."""
+        return "contiguous" if self.scheme == "contiguous" else f"stretched 1-{1 + self.max_gap}"
 
     @classmethod
     def of_base(cls, folder) -> "Positions":
@@ -65,48 +57,25 @@ class Positions:
         return cls.of_run(read_json_object(path)) if os.path.isfile(path) else cls()
 
     def save(self, folder):
-        write_json(os.path.join(folder, "positions.json"),
-                   {"positions": self.scheme, "max_gap": self.max_gap, "position_span": self.span})
+        write_json(os.path.join(folder, "positions.json"), {"positions": self.scheme, "max_gap": self.max_gap})
 
     def for_batch(self, masks: list, T: int, seed: int) -> Optional[torch.Tensor]:
-        """(B, T) positions of a training batch (rows' loss masks, right-padded to T); None for
-        contiguous. Padding positions get values past the row's last, which nothing attends to."""
+        """(B, T) positions of a training batch (rows right-padded to T); None for contiguous.
+        Padding positions get values past the row's last, which nothing attends to."""
         if self.scheme == "contiguous":
             return None
         g = torch.Generator().manual_seed(seed)
-        if self.scheme == "stretched":
-            return torch.stack([self.stretch(T, g) for _ in masks])
-        if self.scheme == "randomized":
-            return torch.stack([self.subset_row(len(mask), T, g) for mask in masks])
-        rows = []
-        for mask in masks:
-            step = torch.ones(T, dtype=torch.long)
-            flips = [t for t in range(1, min(len(mask), T)) if mask[t] != mask[t - 1]]
-            step[flips] += torch.randint(0, self.max_gap + 1, (len(flips),), generator=g)
-            rows.append(torch.cumsum(step, 0) - 1)
-        return torch.stack(rows)
+        return torch.stack([self.stretch(T, g) for _ in masks])
 
     def for_context(self, problem: str, k: int, n: int) -> Optional[torch.Tensor]:
         """Positions of the first n tokens of the k-th context a problem opens, at test; None when
         test positions are contiguous. Seeded by (problem, k), so every decoder draws the same.
         n is the decoder's budget for the context (about twice its true length)."""
-        if self.scheme not in ("stretched", "randomized"):
+        if self.scheme == "contiguous":
             return None
-        g = torch.Generator().manual_seed(zlib.crc32(f"{problem}/{k}".encode()))
-        return self.stretch(n, g) if self.scheme == "stretched" else self.subset(n, g)
+        return self.stretch(n, torch.Generator().manual_seed(zlib.crc32(f"{problem}/{k}".encode())))
 
     def stretch(self, n, g) -> torch.Tensor:
         """0, then steps of 1 + uniform 0..max_gap."""
         step = 1 + torch.randint(0, self.max_gap + 1, (n,), generator=g)
         return torch.cumsum(step, 0) - step[0]
-
-    def subset(self, n, g) -> torch.Tensor:
-        if n > self.span:
-            raise ValueError(f"a context of up to {n} tokens cannot draw distinct positions from span {self.span}")
-        return torch.randperm(self.span, generator=g)[:n].sort().values
-
-    def subset_row(self, length, T, g) -> torch.Tensor:
-        """A training row of `length` tokens in a batch of width T, drawn as the decoder would draw
-        it (from a budget of 2 * length + 16); padding continues past the row's last id."""
-        ids = self.subset(2 * length + 16, g)[:T]
-        return torch.cat([ids, ids[-1] + 1 + torch.arange(T - len(ids))])

@@ -116,7 +116,7 @@ def main(argv=None):
     from model import Llama
     model, tok = Llama.from_pretrained(args.base).eval(), Tokenizer(f"{args.base}/tokenizer.model")
     own = Positions.of_base(args.base)
-    pos = own if args.positions in (None, own.scheme) else Positions(args.positions, own.max_gap, own.span)
+    pos = own if args.positions in (None, own.scheme) else Positions(args.positions, own.max_gap)
     print(f"{args.base}, positions: {pos.describe()}\n")
     print(markdown(report(model, tok, pos, args.per_length)))
 

@@ -49,7 +49,6 @@ def inherit_positions(args):
     own = Positions.of_base(folder) if folder and os.path.isdir(folder) else Positions()
     args.positions = args.positions or own.scheme
     args.max_gap = own.max_gap if args.max_gap is None else args.max_gap
-    args.position_span = own.span if args.position_span is None else args.position_span
 
 
 def resolve_config(cls, args, name, **resolved):
@@ -144,12 +143,10 @@ def model_flags(t, base):
     g.add_argument("--n-layers", type=positive, default=4, help="scratch model depth")
     g.add_argument("--n-heads", type=positive, default=4, help="scratch model heads")
     g.add_argument("--positions", choices=SCHEMES, default=None,
-                   help="position ids (positions.py): 'gaps' at segment boundaries in training; 'stretched' "
-                        "random steps between tokens, or 'randomized' sorted random ids, in training and at test "
-                        "(default: the base's own, from its positions.json; else contiguous)")
+                   help="position ids (positions.py): 'stretched', random steps of 1 to 1 + --max-gap between tokens, "
+                        "in training and at test (default: the base's own, from its positions.json; else contiguous)")
     g.add_argument("--max-gap", type=non_negative, default=None,
-                   help="largest extra step: at a segment boundary (gaps), between two tokens (stretched) (default: 12)")
-    g.add_argument("--position-span", type=positive, default=None, help="--positions randomized: ids drawn from 0..span-1 (default: 1024)")
+                   help="--positions stretched: the largest extra step between two tokens (default: 12)")
     g.add_argument("--full", action="store_true", help="fine-tune every weight instead of LoRA")
     g.add_argument("--lora-r", type=positive, default=64, help="LoRA rank (the paper: 64)")
     g.add_argument("--lora-alpha", type=positive_float, default=64, help="LoRA scale numerator: updates are scaled by alpha / r")

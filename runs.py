@@ -47,7 +47,7 @@ def resolve(path):
 OUTPUTS = ("checkpoint.pt", "config.json", "metrics.jsonl", "summary.json", "adapter", "model")  # what a run writes
 # what may differ when a run is resumed; any other difference in config.json refuses the resume
 # config keys added since the first runs, with the value those runs had in effect (so they resume)
-ADDED_KEYS = {"positions": "contiguous", "max_gap": 12, "position_span": 1024}
+ADDED_KEYS = {"positions": "contiguous", "max_gap": 12}
 MAY_CHANGE_ON_RESUME = {"run", "resume", "steps", "minutes", "device", "eval_every", "save_every", "overwrite"}
 
 

@@ -46,9 +46,8 @@ class TrainConfig:
     n_layers: int = 4
     n_heads: int = 4
     gradient_checkpointing: bool = False  # recompute activations: memory for time
-    positions: str = "contiguous"  # position ids in training (and at test for "randomized"): positions.py
-    max_gap: int = 12  # positions "gaps": the largest extra gap at a segment boundary
-    position_span: int = 1024  # positions "randomized": ids drawn from range(position_span)
+    positions: str = "contiguous"  # position ids in training and at test: positions.py
+    max_gap: int = 12  # positions "stretched": the largest extra step between two tokens
     bf16: bool = False  # bfloat16 frozen weights and autocast on the CPU too (always on CUDA)
     # the budget: wall time (the LR schedule follows the clock) or steps, whichever ends first
     minutes: Optional[float] = None
@@ -73,7 +72,7 @@ class TrainConfig:
 
     @property
     def position_ids(self) -> Positions:
-        return Positions(self.positions, self.max_gap, self.position_span)
+        return Positions(self.positions, self.max_gap)
 
     @property
     def use_bf16(self) -> bool:

@@ -290,7 +290,7 @@ def test_a_released_slot_is_reused_and_starts_empty(ours):
 def test_position_ids_0_1_2_change_nothing_and_a_slots_own_ids_give_the_uncached_logits(ours):
     x = TOKENS[:, :12]
     assert torch.equal(ours(x, positions=torch.arange(12).expand(2, 12)), ours(x))
-    own = torch.tensor([0, 3, 4, 9, 17, 18, 30, 31, 40, 41, 55, 60])  # positions.py: randomized at test
+    own = torch.tensor([0, 3, 4, 9, 17, 18, 30, 31, 40, 41, 55, 60])  # a slot's own position ids (positions.py: stretched at test)
     want = ours(x[:1], positions=own[None])
     cache = KVCache(OUR_ARGS, 1, 16)
     slot = cache.alloc(own)
