@@ -32,21 +32,21 @@ from train import FinetuneConfig, PretrainConfig, finetune, pretrain_base
 
 # ----------------------------------------------------------------------------- commands
 def train(args):
-    inherit_positions(args)
+    inherit_positions(args, FinetuneConfig)
     finetune(resolve_config(FinetuneConfig, args, f"{args.task}-{args.method}",
                             max_len=args.max_len or TASKS[args.task].train_len,
                             lora_targets=tuple(args.lora_targets.split(","))))
 
 
 def pretrain(args):
-    inherit_positions(args)
+    inherit_positions(args, PretrainConfig)
     pretrain_base(resolve_config(PretrainConfig, args, "pretrain"))
 
 
-def inherit_positions(args):
-    """Position flags not given take the base's own scheme (positions.json), else the defaults."""
+def inherit_positions(args, cls):
+    """Position flags not given take the base's own scheme (positions.json), else the config's."""
     folder = None if args.base == "scratch" else resolve(args.base)
-    own = Positions.of_base(folder) if folder and os.path.isdir(folder) else Positions()
+    own = Positions.of_base(folder) if folder and os.path.isdir(folder) else Positions(cls.positions, cls.max_gap)
     args.positions = args.positions or own.scheme
     args.max_gap = own.max_gap if args.max_gap is None else args.max_gap
 
@@ -60,9 +60,9 @@ def resolve_config(cls, args, name, **resolved):
         raise ValueError(f"--n-examples {args.n_examples} is smaller than one batch (--batch-size {args.batch_size})")
     resolved.update(
         run=run, device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
-        steps=args.default_steps if args.steps is None and args.minutes is None else args.steps)
+        steps=cls.steps if args.steps is None and args.minutes is None else args.steps)
     stored = stored_config(run) if args.resume else {}  # a resumed run keeps what its first budget derived
-    resolved["n_examples"] = args.n_examples or stored.get("n_examples") or (
+    resolved["n_examples"] = args.n_examples or stored.get("n_examples") or cls.n_examples or (
         resolved["steps"] * args.batch_size if resolved["steps"] else 100_000)
     resolved["schedule_steps"] = stored.get("schedule_steps", stored.get("steps")) if stored else resolved["steps"]
     return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if f.name not in resolved}, **resolved)
@@ -109,49 +109,51 @@ def command(sub, name, help):
     return sub.add_parser(name, help=help, description=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
 
-def training_flags(t, base, steps, batch=32, lr=2e-3):
-    """The flags `train` and `pretrain` share (pretraining leaves the task's and LoRA's unused)."""
+def training_flags(t, cls):
+    """The flags `train` and `pretrain` share (pretraining leaves the task's and LoRA's unused);
+    every default is the config class's own (train.py), written there once."""
     task_flags(t)
-    model_flags(t, base)
-    optimisation_flags(t, steps, batch, lr)
+    model_flags(t, cls)
+    optimisation_flags(t, cls)
     b = t.add_argument_group("bookkeeping")
     b.add_argument("--device", type=device, default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     b.add_argument("--out", default=None, help="the run folder (default: runs/<task>-<method>, runs/pretrain)")
-    b.add_argument("--seed", type=int, default=0, help="seeds the data, the initialisation and the order of batches")
-    b.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    b.add_argument("--seed", type=int, default=cls.seed, help="seeds the data, the initialisation and the order of batches")
+    b.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint "
+                   "(with a larger --steps: train a finished run longer, at its final learning rate)")
     b.add_argument("--overwrite", action="store_true", help="replace the run in --out (its outputs are removed first)")
-    b.add_argument("--eval-every", type=non_negative, default=250, help="steps between held-out checks (0: never)")
-    b.add_argument("--save-every", type=positive, default=100, help="steps between checkpoints")
+    b.add_argument("--eval-every", type=non_negative, default=cls.eval_every, help="steps between held-out checks (0: never)")
+    b.add_argument("--save-every", type=positive, default=cls.save_every, help="steps between checkpoints")
 
 
-def task_flags(t):
+def task_flags(t, cls=FinetuneConfig):
     g = t.add_argument_group("what to learn")
-    g.add_argument("--task", choices=list(TASKS), default="addition", help="the problem")
-    g.add_argument("--method", choices=list(METHODS), default="retuning", help="the format it is trained in")
+    g.add_argument("--task", choices=list(TASKS), default=cls.task, help="the problem")
+    g.add_argument("--method", choices=list(METHODS), default=cls.method, help="the format it is trained in")
     g.add_argument("--max-len", type=positive, default=None, help="longest training problem (default per task: %s)"
                    % {name: task.train_len for name, task in TASKS.items()})
-    g.add_argument("--rehearsal", type=fraction, default=0.0, help="add this fraction of pretraining items (pretrain.py) to the data")
+    g.add_argument("--rehearsal", type=fraction, default=cls.rehearsal, help="add this fraction of pretraining items (pretrain.py) to the data")
     g.add_argument("--n-examples", type=positive, default=None,
                    help="training contexts drawn, then repeated (default: steps x batch size, or 100000 with --minutes)")
 
 
-def model_flags(t, base):
+def model_flags(t, cls, lora=FinetuneConfig):
     g = t.add_argument_group("the model")
-    g.add_argument("--base", default=base, help="an HF Llama folder (tokenizer.model or tokenizer.json), "
+    g.add_argument("--base", default=cls.base, help="an HF Llama folder (tokenizer.model or tokenizer.json), "
                    "'smollm2' (see the convert command), or 'scratch' (a tiny Llama, random init)")
-    g.add_argument("--dim", type=positive, default=128, help="scratch model width")
-    g.add_argument("--n-layers", type=positive, default=4, help="scratch model depth")
-    g.add_argument("--n-heads", type=positive, default=4, help="scratch model heads")
+    g.add_argument("--dim", type=positive, default=cls.dim, help="scratch model width")
+    g.add_argument("--n-layers", type=positive, default=cls.n_layers, help="scratch model depth")
+    g.add_argument("--n-heads", type=positive, default=cls.n_heads, help="scratch model heads")
     g.add_argument("--positions", choices=SCHEMES, default=None,
                    help="position ids (positions.py): 'stretched', random steps of 1 to 1 + --max-gap between tokens, "
-                        "in training and at test (default: the base's own, from its positions.json; else contiguous)")
+                        f"in training and at test (default: the base's own, from its positions.json; else {cls.positions})")
     g.add_argument("--max-gap", type=non_negative, default=None,
-                   help="--positions stretched: the largest extra step between two tokens (default: 12)")
+                   help=f"--positions stretched: the largest extra step between two tokens (default: the base's, else {cls.max_gap})")
     g.add_argument("--full", action="store_true", help="fine-tune every weight instead of LoRA")
-    g.add_argument("--lora-r", type=positive, default=64, help="LoRA rank (the paper: 64)")
-    g.add_argument("--lora-alpha", type=positive_float, default=64, help="LoRA scale numerator: updates are scaled by alpha / r")
-    g.add_argument("--lora-dropout", type=fraction, default=0.05, help="dropout on the LoRA input (the paper: 0.05)")
-    g.add_argument("--lora-targets", default=",".join(TARGETS), type=lora_targets,
+    g.add_argument("--lora-r", type=positive, default=lora.lora_r, help="LoRA rank (the paper: 64)")
+    g.add_argument("--lora-alpha", type=positive_float, default=lora.lora_alpha, help="LoRA scale numerator: updates are scaled by alpha / r")
+    g.add_argument("--lora-dropout", type=fraction, default=lora.lora_dropout, help="dropout on the LoRA input (the paper: 0.05)")
+    g.add_argument("--lora-targets", default=",".join(lora.lora_targets), type=lora_targets,
                    help="comma-separated projections to adapt; the paper adapts q,k,v,o of LLaMA 7B, a 1M-parameter base needs its MLPs too")
 
 
@@ -162,20 +164,19 @@ def lora_targets(text) -> str:
     return text
 
 
-def optimisation_flags(t, steps, batch, lr):
+def optimisation_flags(t, cls):
     g = t.add_argument_group("optimisation")
     g.add_argument("--steps", type=positive, default=None,
-                   help=f"the budget in optimizer steps, so the result does not depend on the machine (default {steps} without --minutes)")
+                   help=f"the budget in optimizer steps, so the result does not depend on the machine (default {cls.steps} without --minutes)")
     g.add_argument("--minutes", type=positive_float, default=None,
                    help="a budget in wall time instead, the LR schedule following the clock (with --steps: whichever ends first)")
-    t.set_defaults(default_steps=steps)
-    g.add_argument("--batch-size", type=positive, default=batch, help="contexts per optimizer step")
-    g.add_argument("--micro-batch-size", type=positive, default=32, help="contexts per forward pass (gradients accumulate)")
-    g.add_argument("--lr", type=positive_float, default=lr, help="peak learning rate (AdamW)")
-    g.add_argument("--schedule", choices=["cosine", "constant"], default="cosine", help="after warm-up: cosine to 10%% of --lr, or constant (the paper's)")
-    g.add_argument("--warmup", type=non_negative, default=50, help="steps of linear warm-up")
-    g.add_argument("--weight-decay", type=non_negative_float, default=0.01, help="AdamW weight decay")
-    g.add_argument("--clip", type=positive_float, default=1.0, help="gradient-norm clipping")
+    g.add_argument("--batch-size", type=positive, default=cls.batch_size, help="contexts per optimizer step (under torchrun: all processes together)")
+    g.add_argument("--micro-batch-size", type=positive, default=cls.micro_batch_size, help="contexts per forward pass (gradients accumulate)")
+    g.add_argument("--lr", type=positive_float, default=cls.lr, help="peak learning rate (AdamW)")
+    g.add_argument("--schedule", choices=["cosine", "constant"], default=cls.schedule, help="after warm-up: cosine to 10%% of --lr, or constant (the paper's)")
+    g.add_argument("--warmup", type=non_negative, default=cls.warmup, help="steps of linear warm-up")
+    g.add_argument("--weight-decay", type=non_negative_float, default=cls.weight_decay, help="AdamW weight decay")
+    g.add_argument("--clip", type=positive_float, default=cls.clip, help="gradient-norm clipping")
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward: memory for time")
     g.add_argument("--bf16", action="store_true", help="bfloat16 weights and autocast on the CPU too (always on CUDA)")
 
@@ -183,14 +184,9 @@ def optimisation_flags(t, steps, batch, lr):
 def parser():
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    # the default budgets: the README's reference run (reproduce.sh's addition budget), and the
-    # steps of the committed base's first stage
-    training_flags(command(sub, "train", "fine-tune a model on one task and method"), EMBEDDED_BASE, steps=2500)
+    training_flags(command(sub, "train", "fine-tune a model on one task and method"), FinetuneConfig)
     pt = command(sub, "pretrain", "pretrain the embedded base on the generic corpus of pretrain.py")
-    training_flags(pt, "scratch", steps=16430, lr=2e-3)
-    # the committed base's recipe (docs/EXPERIMENTS.md): stretched positions, steps of 1-3; then a
-    # second stage from it: --base assets/base-stretched-16k --steps 20000 --lr 1e-3 --seed 1
-    pt.set_defaults(eval_every=500, save_every=500, warmup=200, n_examples=300_000, positions="stretched", max_gap=2)
+    training_flags(pt, PretrainConfig)
     pt.add_argument("--export", default=None, help="also write the base to this folder, replacing it atomically "
                     f"(the committed base: --export {EMBEDDED_BASE}); by default it stays in <out>/model")
     d = command(sub, "data", "print training examples or the token-count table")

@@ -32,13 +32,15 @@ from loss import linear_cross_entropy
 from model import Llama, ModelArgs
 from positions import Positions
 from probe import quick as probe_base
-from runs import EMBEDDED_TOKENIZER, claimed, export, resolve, restore, save_checkpoint, uses_bf16, write_summary
+from runs import EMBEDDED_BASE, EMBEDDED_TOKENIZER, claimed, export, resolve, restore, save_checkpoint, uses_bf16, write_summary
 from tasks import TASKS, context_ids
 
 
 @dataclass
 class TrainConfig:
-    """What every training run needs; config.json records it with the model's shape."""
+    """What every training run needs; config.json records it with the model's shape. These
+    defaults are the only ones: retuning.py builds its flags' defaults from them (a flag whose
+    default is None derives it, as its help says)."""
     run: str  # the run folder
     # the model: an HF Llama folder, or "scratch" (a tiny Llama of this shape, random init)
     base: str = "scratch"
@@ -51,9 +53,9 @@ class TrainConfig:
     bf16: bool = False  # bfloat16 frozen weights and autocast on the CPU too (always on CUDA)
     # the budget: wall time (the LR schedule follows the clock) or steps, whichever ends first
     minutes: Optional[float] = None
-    steps: Optional[int] = None
+    steps: Optional[int] = None  # the default budget of each kind of run (None with --minutes)
     schedule_steps: Optional[int] = None  # the steps the LR schedule spans: the first budget, kept when a run is extended
-    n_examples: int = 100_000  # training contexts drawn, then repeated
+    n_examples: Optional[int] = None  # training contexts drawn, then repeated (None: steps x batch size)
     # optimisation
     batch_size: int = 32
     micro_batch_size: int = 32
@@ -81,9 +83,11 @@ class TrainConfig:
 
 @dataclass
 class FinetuneConfig(TrainConfig):
+    base: str = EMBEDDED_BASE  # the committed tiny base (runs.py)
+    steps: Optional[int] = 2500  # the README's reference run (reproduce.sh's addition budget)
     task: str = "addition"
     method: str = "retuning"
-    max_len: int = 4  # longest training problem
+    max_len: Optional[int] = None  # longest training problem (None: the task's own, tasks.Task.train_len)
     rehearsal: float = 0.0  # pretraining items added, as a fraction of the task's contexts
     full: bool = False  # every weight instead of LoRA
     lora_r: int = 64
@@ -94,6 +98,15 @@ class FinetuneConfig(TrainConfig):
 
 @dataclass
 class PretrainConfig(TrainConfig):
+    """The committed base's first stage (docs/EXPERIMENTS.md): stretched positions, steps of 1-3.
+    Its second stage: --base <the first> --steps 20000 --lr 1e-3 --seed 1."""
+    steps: Optional[int] = 16430
+    n_examples: Optional[int] = 300_000
+    positions: str = "stretched"
+    max_gap: int = 2
+    warmup: int = 200
+    eval_every: int = 500
+    save_every: int = 500
     export: Optional[str] = None  # also write the base here (an HF folder); assets/base only when named
 
 

@@ -330,3 +330,23 @@ def test_rehearsal_mixes_the_bases_pretraining_items_into_the_task_data():
     assert [d for d in data if d in plain] == plain  # the task's contexts, in order, plus 20 others
     import pretrain
     assert [d for d in data if d not in plain] == [tasks.context_ids(TOK, c) for c in pretrain.corpus(1, 20)]
+
+
+def test_every_flags_default_is_its_configs_and_config_json_records_the_config(tmp_path):
+    """One home for every training default: the dataclasses in train.py. A flag whose default is
+    None derives its value (its help says from what); every other shows the config's own."""
+    commands = retuning.parser()._subparsers._group_actions[0].choices
+    for name, cls in (("train", train.FinetuneConfig), ("pretrain", train.PretrainConfig)):
+        fields = {f.name: f.default for f in dataclasses.fields(cls)}
+        checked = 0
+        for action in commands[name]._actions:
+            if action.dest in fields and action.default is not None:
+                want = fields[action.dest]
+                assert action.default == (",".join(want) if action.dest == "lora_targets" else want), (name, action.dest)
+                checked += 1
+        assert checked >= 15
+    run = tmp_path / "r"
+    retuning.main(["train", "--task", "parity", "--steps", "1", "--out", str(run), *TINY])
+    stored = json.loads((run / "config.json").read_text())
+    fields = {f.name for f in dataclasses.fields(train.FinetuneConfig)}
+    assert fields <= set(stored) and set(stored) - fields == {"command", "model", "train_length"}
