@@ -208,7 +208,7 @@ def step(model, cache, group):
     rows = torch.tensor([c.pending + [pad] * (max(n_new) - len(c.pending)) for c in ctxs])  # right-padded
     for c in ctxs:
         c.ids += c.pending
-    logits = model(rows.to(cache.k.device), cache, [c.slot for c in ctxs], n_new, last_only=True)
+    logits = model.step(rows.to(cache.k.device), cache, [c.slot for c in ctxs], n_new, last_only=True)
     for s, token in zip(group, logits.argmax(-1).tolist()):  # the one host sync of the step
         before = list(s.stack)
         s.on_token(token)

@@ -293,41 +293,44 @@ class Llama(nn.Module):
                 with torch.no_grad():
                     p.copy_(torch.randn(p.shape, generator=g) * 0.02)
 
-    def forward(self, tokens, cache: Optional[KVCache] = None, slots=None, n_new=None, last_only=False, select=None,
-                positions=None, hidden=False):
-        """tokens (B, T) -> logits (B, T, V), or (B, V) at each row's last real token, or (N, V)
-        at the N positions where the boolean (B, T) `select` is True.
+    def forward(self, tokens, positions=None, select=None, hidden=False):
+        """Whole sequences from position 0 (training, and the naive decoder): tokens (B, T) ->
+        logits (B, T, V), or (N, V) at the N positions where the boolean (B, T) `select` is True.
 
-        Without a cache the rows are whole sequences starting at position 0 (right padding is
-        harmless under the causal mask). With a cache, row b appends its first n_new[b] tokens to
-        slot slots[b]; the rest of the row is padding, neither stored nor attended to.
-        `select` is for training: the output layer costs dim x vocab per position (49k columns on
-        SmolLM2), and only completion positions carry loss, so only those are projected.
-        `positions` (B, T), without a cache, replaces each token's position id 0, 1, 2, ... (a
-        cache slot carries its own: KVCache.alloc); positions.py says why. `hidden`: the final normed
+        Right padding is harmless under the causal mask. `select` is for training: the output
+        layer costs dim x vocab per position (49k columns on SmolLM2), and only completion
+        positions carry loss, so only those are projected. `positions` (B, T) replaces each
+        token's position id 0, 1, 2, ... (positions.py says why). `hidden`: the final normed
         states instead of logits, for training's fused output layer and loss (loss.py).
         """
         B, T = tokens.shape
+        pos = torch.arange(T, device=tokens.device)[None, :].expand(B, T) if positions is None else positions.to(tokens.device)
+        return self.blocks(tokens, pos, select, hidden=hidden)
+
+    def step(self, tokens, cache: KVCache, slots, n_new=None, last_only=False):
+        """One cached step of a ragged batch (the recursive decoder's): row b appends its first
+        n_new[b] tokens (default: all T) to cache slot slots[b], at that slot's next positions;
+        the rest of the row is padding, neither stored nor attended to. -> logits (B, T, V), or
+        (B, V) at each row's last real token."""
+        B, T = tokens.shape
         n_new = list(n_new) if n_new is not None else [T] * B
-        step = None
-        if cache is None:
-            pos = torch.arange(T, device=tokens.device)[None, :].expand(B, T) if positions is None else positions.to(tokens.device)
-        else:
-            step = cache.reserve(list(slots), n_new, T)
-            pos = step.rope
+        plan = cache.reserve(list(slots), n_new, T)
+        out = (torch.arange(B, device=tokens.device), torch.tensor(n_new, device=tokens.device) - 1) if last_only else None
+        return self.blocks(tokens, plan.rope, out, cache, plan)
+
+    def blocks(self, tokens, pos, out, cache=None, plan=None, hidden=False):
+        """Embedding, RoPE at `pos`, the blocks, the norm and the output layer where `out` says
+        (all positions, a boolean mask, or (rows, times) indices): what both entry points share."""
         freqs = pos[..., None].float() * self.inv_freq  # (B, T, hd/2), float32
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd) broadcast over heads
         x = self.embed_tokens(tokens)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        out = select  # where the output layer reads: all positions, `select`, or each row's last token
-        if last_only:
-            out = (torch.arange(B, device=x.device), torch.tensor(n_new, device=x.device) - 1)
         for i, layer in enumerate(self.layers):
             out_i = out if i == len(self.layers) - 1 else None
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, None, i, None, out_i, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, cache, i, step, out_i)
+                x = layer(x, cos, sin, cache, i, plan, out_i)
         return self.norm(x) if hidden else self.lm_head(self.norm(x)).float()
 
     # Hugging Face checkpoint folders, as transformers names these two (checkpoint.py does the work;

@@ -33,17 +33,20 @@ class TraceModel(torch.nn.Module):
         logits[torch.arange(len(histories)), torch.tensor(nxt)] = 1.0
         return logits
 
-    def forward(self, tokens, cache=None, slots=None, n_new=None, last_only=False, select=None, positions=None):
+    def forward(self, tokens, positions=None, select=None, hidden=False):
         like = torch.zeros(self.args.vocab_size)
-        if cache is None:
-            if self.inner is not None:
-                self.inner(tokens, select=select)
-            logits = torch.stack([self.predict([r[:t + 1] for t in range(len(r))], like) for r in tokens.tolist()])
-            return logits if select is None else logits[select]  # as Llama.forward: only the selected positions
+        if self.inner is not None:
+            self.inner(tokens, select=select)
+        logits = torch.stack([self.predict([r[:t + 1] for t in range(len(r))], like) for r in tokens.tolist()])
+        return logits if select is None else logits[select]  # as Llama.forward: only the selected positions
+
+    def step(self, tokens, cache, slots, n_new=None, last_only=False):
+        n_new = list(n_new) if n_new is not None else [tokens.shape[1]] * len(slots)
         for row, slot, n in zip(tokens.tolist(), slots, n_new):  # an empty slot starts a new history
             self.history[slot] = (self.history.get(slot, []) if cache.length[slot] else []) + row[:n]
         if self.inner is not None:
-            like = self.inner(tokens, cache, slots, n_new, last_only)
+            like = self.inner.step(tokens, cache, slots, n_new, last_only)
         else:  # hold the tokens in the cache, as the model would; nothing is computed
+            like = torch.zeros(self.args.vocab_size)
             cache.reserve(slots, n_new, tokens.shape[1])
         return self.predict([self.history[s] for s in slots], like)

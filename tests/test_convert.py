@@ -185,10 +185,10 @@ def greedy_cached(model, ids, n):
     """n greedy tokens after `ids`, with the KV cache: a prefill, then one token per call."""
     cache = KVCache(model.args, n_slots=1, max_len=len(ids) + n)
     slot, out = cache.alloc(), []
-    logits = model(torch.tensor([ids]), cache, [slot], last_only=True)
+    logits = model.step(torch.tensor([ids]), cache, [slot], last_only=True)
     for _ in range(n):
         out.append(int(logits[0].argmax()))
-        logits = model(torch.tensor([out[-1:]]), cache, [slot], last_only=True)
+        logits = model.step(torch.tensor([out[-1:]]), cache, [slot], last_only=True)
     return out
 
 

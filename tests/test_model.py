@@ -188,10 +188,10 @@ def greedy(model, prompt, n):
 def greedy_cached(model, cache, slot, prompt, n):
     """Prefill the prompt into the slot, then feed back one token at a time; the last token
     returned has not been fed, so the slot holds prompt + all but the last."""
-    logits = model(torch.tensor([prompt]), cache, [slot], last_only=True)
+    logits = model.step(torch.tensor([prompt]), cache, [slot], last_only=True)
     out = [int(logits[0].argmax())]
     while len(out) < n:
-        logits = model(torch.tensor([out[-1:]]), cache, [slot], last_only=True)
+        logits = model.step(torch.tensor([out[-1:]]), cache, [slot], last_only=True)
         out.append(int(logits[0].argmax()))
     return out
 
@@ -212,11 +212,11 @@ def test_a_multi_token_append_after_prefill_matches_uncached(ours):
     slot, prompt, chunk = cache.alloc(), [1, 17, 42, 99, 3], [50, 51, 52, 53]
     head = greedy_cached(ours, cache, slot, prompt, 3)  # prefill, then 3 tokens (the last not fed)
     seq = prompt + head + chunk  # e.g. a child's answer spliced into its parent (Re-Tuning Sec. 3)
-    logits = ours(torch.tensor([head[-1:] + chunk]), cache, [slot])  # 5 tokens in one call
+    logits = ours.step(torch.tensor([head[-1:] + chunk]), cache, [slot])  # 5 tokens in one call
     torch.testing.assert_close(logits, ours(torch.tensor([seq]))[:, -5:], atol=1e-5, rtol=1e-5)
     out = [int(logits[0, -1].argmax())]
     for _ in range(7):
-        out.append(int(ours(torch.tensor([out[-1:]]), cache, [slot], last_only=True)[0].argmax()))
+        out.append(int(ours.step(torch.tensor([out[-1:]]), cache, [slot], last_only=True)[0].argmax()))
     assert out == greedy(ours, seq, 8)
 
 
@@ -224,12 +224,12 @@ def test_rows_of_different_lengths_decode_as_if_each_were_alone(ours):
     cache = KVCache(OUR_ARGS, n_slots=3, max_len=64)
     prompts = [[1, 5, 9], [1, 60, 61, 62, 63, 64, 65], [1, 30, 31, 32, 33]]
     slots = [cache.alloc() for _ in prompts][::-1]  # rows need not be in slot order
-    logits = ours(right_padded(prompts), cache, slots, n_new=[len(p) for p in prompts], last_only=True)
+    logits = ours.step(right_padded(prompts), cache, slots, n_new=[len(p) for p in prompts], last_only=True)
     outs = [[] for _ in prompts]
     for _ in range(10):
         for out, row in zip(outs, logits):
             out.append(int(row.argmax()))
-        logits = ours(torch.tensor([out[-1:] for out in outs]), cache, slots, n_new=[1, 1, 1], last_only=True)
+        logits = ours.step(torch.tensor([out[-1:] for out in outs]), cache, slots, n_new=[1, 1, 1], last_only=True)
     assert outs == [greedy(ours, p, 10) for p in prompts]
 
 
@@ -238,12 +238,12 @@ def test_a_prefill_can_share_one_call_with_another_rows_decode_step(ours):
     parent, child = cache.alloc(), cache.alloc()
     p_prompt, c_prompt = [1, 17, 42, 99, 3], [1, 30, 31, 32, 33, 34]
     p_out = greedy_cached(ours, cache, parent, p_prompt, 2)  # parent is mid-decode
-    logits = ours(right_padded([p_out[-1:], c_prompt]), cache, [parent, child], n_new=[1, 6], last_only=True)
+    logits = ours.step(right_padded([p_out[-1:], c_prompt]), cache, [parent, child], n_new=[1, 6], last_only=True)
     outs = [p_out, []]
     for _ in range(6):
         for out, row in zip(outs, logits):
             out.append(int(row.argmax()))
-        logits = ours(torch.tensor([out[-1:] for out in outs]), cache, [parent, child], n_new=[1, 1], last_only=True)
+        logits = ours.step(torch.tensor([out[-1:] for out in outs]), cache, [parent, child], n_new=[1, 1], last_only=True)
     assert outs == [greedy(ours, p_prompt, 8), greedy(ours, c_prompt, 6)]
 
 
@@ -253,7 +253,7 @@ def test_a_row_near_max_len_can_share_a_call_with_a_longer_prefill(ours):
     p_prompt, c_prompt = list(range(1, 15)), [1, 30, 31, 32, 33, 34]
     p_next = greedy_cached(ours, cache, parent, p_prompt, 1)  # parent holds 14 of 16 positions
     # the parent's row has 5 padding tokens that would land past max_len: never written or counted
-    logits = ours(right_padded([p_next, c_prompt]), cache, [parent, child], n_new=[1, 6], last_only=True)
+    logits = ours.step(right_padded([p_next, c_prompt]), cache, [parent, child], n_new=[1, 6], last_only=True)
     assert [int(r.argmax()) for r in logits] == [greedy(ours, p_prompt, 2)[1], greedy(ours, c_prompt, 1)[0]]
 
 
@@ -261,17 +261,17 @@ def test_the_page_storage_grows_past_its_initial_size_and_keeps_live_slots(ours)
     cache = KVCache(OUR_ARGS, n_slots=1, max_len=64, page_size=4)  # 3 pages of 4 positions at first
     prompts = [[1, 17, 42, 99, 3], [1, 8], [1, 30, 31, 32]]
     a = cache.alloc()
-    first = ours(torch.tensor([prompts[0]]), cache, [a], last_only=True)  # a holds a prefix before growth
+    first = ours.step(torch.tensor([prompts[0]]), cache, [a], last_only=True)  # a holds a prefix before growth
     b, c = cache.alloc(), cache.alloc()
     assert len({a, b, c}) == 3 and cache.in_use() == 3
-    rest = ours(right_padded(prompts[1:]), cache, [b, c], n_new=[2, 4], last_only=True)
+    rest = ours.step(right_padded(prompts[1:]), cache, [b, c], n_new=[2, 4], last_only=True)
     assert cache.k.shape[1] > 3  # a and b took the two free pages: c's prefill doubled the storage
     # continue all three (growing again): slot a's keys and values survived every reallocation
     logits, outs = torch.cat([first, rest]), [[], [], []]
     for _ in range(6):
         for out, row in zip(outs, logits):
             out.append(int(row.argmax()))
-        logits = ours(torch.tensor([out[-1:] for out in outs]), cache, [a, b, c], n_new=[1, 1, 1], last_only=True)
+        logits = ours.step(torch.tensor([out[-1:] for out in outs]), cache, [a, b, c], n_new=[1, 1, 1], last_only=True)
     assert outs == [greedy(ours, p, 6) for p in prompts] and cache.k.shape[1] > 6
 
 
@@ -294,7 +294,7 @@ def test_position_ids_0_1_2_change_nothing_and_a_slots_own_ids_give_the_uncached
     want = ours(x[:1], positions=own[None])
     cache = KVCache(OUR_ARGS, 1, 16)
     slot = cache.alloc(own)
-    got = torch.cat([ours(x[:1, :5], cache, [slot], [5]), ours(x[:1, 5:], cache, [slot], [7])], dim=1)
+    got = torch.cat([ours.step(x[:1, :5], cache, [slot], [5]), ours.step(x[:1, 5:], cache, [slot], [7])], dim=1)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(want, ours(x[:1]), atol=1e-2)  # the ids are really used
 
@@ -308,14 +308,14 @@ def test_logits_at_selected_positions_equal_the_full_logits_there(ours):
     torch.testing.assert_close(ours(x, select=select), full[select], atol=1e-5, rtol=1e-5)
     cache = KVCache(OUR_ARGS, 3, 32)
     slots = [cache.alloc() for _ in range(3)]
-    last = ours(x, cache, slots, n_new=[11, 7, 4], last_only=True)
+    last = ours.step(x, cache, slots, n_new=[11, 7, 4], last_only=True)
     torch.testing.assert_close(last, full[[0, 1, 2], [10, 6, 3]], atol=1e-5, rtol=1e-5)
 
 
 def test_writing_past_max_len_raises_instead_of_wrapping(ours):
     cache = KVCache(OUR_ARGS, n_slots=1, max_len=8)
     with pytest.raises(ValueError, match="KV cache overflow"):
-        ours(torch.tensor([list(range(1, 10))]), cache, [cache.alloc()])
+        ours.step(torch.tensor([list(range(1, 10))]), cache, [cache.alloc()])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -329,7 +329,7 @@ def test_on_cuda_cached_ragged_decoding_matches_the_cpu_logits():
     cache = KVCache(args, 2, 16, device="cuda")
     slots = [cache.alloc(), cache.alloc()]
     with torch.no_grad():
-        got = gpu(x.cuda(), cache, slots, [9, 5])
+        got = gpu.step(x.cuda(), cache, slots, [9, 5])
         want = cpu(x)
     torch.testing.assert_close(got[0].cpu(), want[0], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(got[1, :5].cpu(), cpu(x[1:, :5])[0], atol=1e-4, rtol=1e-4)
