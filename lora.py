@@ -33,8 +33,8 @@ class Dropout(nn.Module):
     never depends on the call order (the same tensor again gets the same output: inside a model
     every forward computes new inputs). With LoRA on all seven projections that is 4 masks per
     layer instead of 7.
-    Cheaper: bernoulli_ costs one generator call (~10 ns) per element on the CPU, 28% of a training
-    step at the embedded shape. Here each 64-bit draw serves four elements 16 random bits each, and
+    Cheaper: bernoulli_ costs one generator call per element on the CPU, a large share of a small
+    model's training step (docs/REFERENCE.md, "Training speed"). Here each 64-bit draw serves four elements 16 random bits each, and
     an element is dropped when they fall below p * 2^16: p is rounded to a multiple of 2^-16 (0.05
     -> 0.0500031) and the kept ones are scaled by 1 / (1 - that p). The default generator draws
     them, so a resumed run, or a recomputation under gradient checkpointing, gets the same masks.

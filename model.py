@@ -118,8 +118,8 @@ class Attention(nn.Module):
 def attend(q, k, v, mask=None):
     """Scaled dot-product attention, causal unless a mask says which keys each query sees.
 
-    On the CPU, PyTorch's bfloat16 kernel runs about 2.5x slower than its float32 one at training
-    shapes (forward + backward, 32 contexts of 60 tokens, torch 2.13), so bf16 inputs are attended
+    On the CPU, PyTorch's bfloat16 attention kernel is slower than its float32 one at training
+    shapes (docs/REFERENCE.md, "Training speed", has the measurement), so bf16 inputs are attended
     in float32 there: faster and more exact. Autocast is switched off around it, else it would cast
     the inputs straight back to bf16.
     """
