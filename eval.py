@@ -68,7 +68,14 @@ def describe(task, method, s) -> str:
     where, want, got = first_error(s.root, truth)
     reason = f" [{s.error}]" if s.error else ""
     return (f"  {s.problem} -> {s.answer!r}, true {TASKS[task].answer(s.problem)!r}{reason}\n"
-            f"    in context {where[-120:]!r}\n    expected {want[:120]!r}\n    got      {got[:120]!r}")
+            f"    in context {where[-120:]!r}\n    expected {clip(want, got)!r}\n    got      {clip(got, want)!r}")
+
+
+def clip(text, other, width=120) -> str:
+    """`text` cut to `width` around where it first differs from `other`, so the two shown differ."""
+    i = next((k for k, (a, b) in enumerate(zip(text, other)) if a != b), min(len(text), len(other)))
+    start = max(0, i - width // 2)
+    return ("..." if start else "") + text[start:start + width]
 
 
 def evaluate(run, lengths, per_length, seed, batch_size, device, n_failures=3, by_step=False, world=dist.World()):

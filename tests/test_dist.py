@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the runs agree to rounding. (With more micro-batches per process the sums associate differently,
 # and Adam, which divides by the gradients' size, carries that rounding on: 2.5e-5 in the loss
 # over 30 steps with 4 micro-batches of 4.)
-FLAGS = ["--task", "addition", "--steps", "30", "--lora-dropout", "0", "--lora-r", "8", "--batch-size", "16",
+FLAGS = ["--task", "addition", "--steps", "50", "--lora-dropout", "0", "--lora-r", "8", "--batch-size", "16",
          "--micro-batch-size", "8", "--n-examples", "480", "--warmup", "3", "--eval-every", "0", "--save-every", "10"]
 
 
@@ -64,11 +64,11 @@ def single(tmp_path_factory):
 
 def test_two_processes_train_the_single_process_run(single, tmp_path):
     """Each process takes half of every batch (the global batch size is kept) and DDP sums their
-    gradients: the 30 losses and the adapter are the one-process run's."""
+    gradients: the 50 losses and the adapter are the one-process run's."""
     run = str(tmp_path / "pair")
     p = torchrun("retuning.py", "train", *FLAGS, "--out", run)
     assert p.returncode == 0, p.stdout + p.stderr
-    assert len(losses(run)) == 30
+    assert len(losses(run)) == 50
     assert json.load(open(os.path.join(run, "summary.json")))["processes"] == 2
     assert_same_run(run, single)
     assert not os.path.exists(os.path.join(run, ".train.lock"))
@@ -87,7 +87,7 @@ def test_ctrl_c_stops_both_processes_at_one_step_and_one_process_resumes_to_the_
     out, _ = job.communicate(timeout=120)
     assert "stopped at step" in out, out
     ckpt = torch.load(os.path.join(run, "checkpoint.pt"), weights_only=True)
-    assert 3 <= ckpt["step"] < 30 and len(losses(run)) == ckpt["step"]
+    assert 3 <= ckpt["step"] < 50 and len(losses(run)) == ckpt["step"]
     retuning.main(["train", *FLAGS, "--out", run, "--resume"])
     assert_same_run(run, single)
 
