@@ -92,11 +92,14 @@ def evaluate(run, lengths, per_length, seed, batch_size, device, n_failures=3, b
         problems = eval_problems(task, L, per_length, seed)
         lim = eval_limits(task, method, tok, problems[:1])
         mine, outcomes = world.share(list(enumerate(problems))), []
+        wanted = n_failures - len(failures)  # the first failures overall are among each share's first
         for b in range(0, len(mine), batch_size):
             part = mine[b:b + batch_size]
             for (i, _), s in zip(part, decode(model, tok, task, method, [p for _, p in part], lim, positions=pos)):
                 ok = s.answer == TASKS[task].answer(s.problem)
-                outcomes.append((i, ok, s.n_generated, None if ok else describe(task, method, s)))
+                words = None if ok or wanted <= 0 else describe(task, method, s)
+                wanted -= words is not None
+                outcomes.append((i, ok, s.n_generated, words))
             bar.update(len(part) * world.size)
         outcomes = sorted(o for share in dist.gather(outcomes, world) for o in share)
         failures += [o[3] for o in outcomes if o[3]][:n_failures - len(failures)]

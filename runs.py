@@ -181,12 +181,12 @@ def resume(run, model, opt) -> dict:
 
 
 def restore(ckpt: dict, model, opt, path="checkpoint.pt"):
-    """Put a checkpoint's weights, optimizer and RNG state in place; returns (step, seconds trained)."""
+    """Put a checkpoint's weights, optimizer and RNG state in place (its step checked too)."""
     try:
         model.load_state_dict(ckpt["model"], strict=False)
         opt.load_state_dict(ckpt["optim"])
         torch.set_rng_state(ckpt["rng"])
-        return ckpt["step"], ckpt.get("elapsed", 0.0)
+        ckpt["step"]  # noqa: B018 -- a checkpoint without its step is refused here too
     except (RuntimeError, KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{path}: not a checkpoint of this run ({type(e).__name__}: {str(e).strip()[:120]!r})") from None
 

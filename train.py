@@ -214,7 +214,9 @@ def fit(cfg: TrainConfig, model, data, probe, record: dict, world=dist.World()) 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     with claimed(cfg, model, opt, record, world) as ckpt:
-        step, elapsed = restore(ckpt, model, opt) if ckpt else (0, 0.0)
+        if ckpt and not world.main:  # rank 0 restored it as it read it (runs.resume)
+            restore(ckpt, model, opt)
+        step, elapsed = (ckpt["step"], ckpt.get("elapsed", 0.0)) if ckpt else (0, 0.0)
         if world.main:
             write_json(os.path.join(cfg.run, "config.json"), record)
             print(f"{cfg.run}: {len(data)} training contexts, {sum(p.numel() for p in params) / 1e6:.2f}M "
