@@ -178,10 +178,10 @@ class Solve:
 def decode(model, tok, task, method, problems, lim=None, cache=None, positions=None) -> list:
     """Solve a batch of problems; all open contexts advance together, each with its own cache.
 
-    One step feeds every active context its pending tokens. Rows decoding one token and rows
-    prefilling a prompt or a resume go in two forward calls: padding a one-token row to a
-    40-token prefill would multiply its cost by 40. Pass a `cache` to reuse one pool of slots
-    across batches. `positions` (positions.py) numbers each context's tokens; default 0, 1, 2, ...
+    One step feeds every problem's top context its pending tokens in one forward call: one token
+    where it is decoding, a prompt or a resume where it is prefilling (the model runs on exactly
+    those tokens, no padding; model.Step). Pass a `cache` to reuse one pool of slots across
+    batches. `positions` (positions.py) numbers each context's tokens; default 0, 1, 2, ...
     """
     model.eval()
     lim = lim or Limits()
@@ -192,11 +192,7 @@ def decode(model, tok, task, method, problems, lim=None, cache=None, positions=N
     for s in solves:
         hand_slots(cache, [], s)
     while active := [s for s in solves if not s.done]:
-        decoding = [s for s in active if len(s.stack[-1].pending) == 1]
-        prefilling = [s for s in active if len(s.stack[-1].pending) > 1]
-        for group in (decoding, prefilling):
-            if group:
-                step(model, cache, group)
+        step(model, cache, active)
     return solves
 
 

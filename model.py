@@ -108,9 +108,13 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:  # whole sequences: plain causal attention
             y = attend(q, k, v)
-        else:  # write the new keys/values into their slots, attend over each slot's prefix
-            k, v = cache.update(layer, step, k, v)
-            y = attend(q, k, v, step.mask)
+        else:  # the step's flat tokens (B = 1): store their keys/values, attend over each row's prefix
+            cache.write(layer, step, k, v)
+            y = torch.empty_like(q)
+            for g in step.groups:  # rows back into a batch, queries padded to the group's length
+                k_g, v_g = cache.prefix(layer, g, q.dtype)
+                y_g = attend(q[0][:, g.take].transpose(0, 1), k_g, v_g, g.mask)  # (rows, nh, T, hd)
+                y[0][:, g.put] = y_g.transpose(0, 1)[:, g.valid]
         # restore time as the batch dimension, final projection into the residual stream
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -161,16 +165,28 @@ class Block(nn.Module):
 
 
 @dataclass
-class Step:
-    """Where one ragged forward call reads and writes in a KVCache (built on the host)."""
-    pos: torch.Tensor  # (B, T) index of each input token in its slot (for the causal mask)
-    rope: torch.Tensor  # (B, T) its position id for RoPE: the index, unless the slot has its own table
+class Group:
+    """Rows of one step that attend together: their queries padded to (B, T) from the flat tokens."""
+    take: torch.Tensor  # (B, T) index of each query in the step's flat tokens (padding: any index)
+    put: torch.Tensor  # (N,) the flat index of each real query, row by row
+    valid: torch.Tensor  # (B, T) True at real queries
     pages: torch.Tensor  # (B, n_pages) each row's pages in order, padded with the null page 0
-    write_page: torch.Tensor  # (N,) one entry per real (non-padding) input token
-    write_off: torch.Tensor  # (N,) its offset inside that page
-    write_row: torch.Tensor  # (N,) the input (row, time) it comes from
-    write_t: torch.Tensor
     mask: torch.Tensor  # (B, 1, T, S) True where a query may attend to a cached key
+
+
+@dataclass
+class Step:
+    """Where one ragged forward call reads and writes in a KVCache (built on the host). Its real
+    tokens are flattened into one sequence (rows back to back, no padding), so every projection
+    and MLP runs once over exactly them; only attention needs rows, and it gets them in two
+    groups: one-token rows (decoding) and longer ones (prefills), else a decoding row would be
+    padded to a prefill's length and attend for all of it."""
+    rope: torch.Tensor  # (1, N) each flat token's RoPE position id
+    write_page: torch.Tensor  # (N,) the page and offset each flat token's keys/values go to
+    write_off: torch.Tensor
+    last: torch.Tensor  # (B,) each row's last token in the flat sequence
+    flat: tuple  # (rows, times): where the flat tokens sit in the (B, T) input
+    groups: list
 
 
 class KVCache:
@@ -234,15 +250,28 @@ class KVCache:
             while len(self.pages[s]) * P < self.length[s] + n:
                 self.pages[s].append(self.new_page())
             self.length[s] += n
-        n_new = torch.tensor(n_new)
-        rows, ts = (torch.arange(T)[None, :] < n_new[:, None]).nonzero(as_tuple=True)
-        S = int((start + n_new).max())
-        width = -(-S // P)  # pages per row
-        table = torch.tensor([(self.pages[s] + [0] * width)[:width] for s in slots])
-        mask = torch.arange(S)[None, None, None, :] <= pos[:, None, :, None]  # causal over absolute positions
+        n_t = torch.tensor(n_new)
+        rows, ts = (torch.arange(T)[None, :] < n_t[:, None]).nonzero(as_tuple=True)  # row by row
+        first = torch.cumsum(n_t, 0) - n_t  # each row's first token in the flat sequence
         wpos, dev = pos[rows, ts], self.k.device
-        return Step(pos.to(dev), rope.to(dev), table.to(dev), table[rows, wpos // P].to(dev), (wpos % P).to(dev),
-                    rows.to(dev), ts.to(dev), mask.to(dev))
+        width = max(len(self.pages[s]) for s in slots)
+        table = torch.tensor([self.pages[s] + [0] * (width - len(self.pages[s])) for s in slots])  # (B, pages)
+        groups = [self.group(b, pos, n_t, first, table) for b in (n_t == 1, n_t > 1) if b.any()]
+        return Step(rope[rows, ts][None].to(dev), table[rows, wpos // P].to(dev), (wpos % P).to(dev),
+                    (first + n_t - 1).to(dev), (rows.to(dev), ts.to(dev)), groups)
+
+    def group(self, which, pos, n_new, first, table) -> Group:
+        """The rows `which` (a (B,) mask) as one attention call: their queries, pages and mask."""
+        rows = which.nonzero().flatten()
+        n, T = n_new[rows], int(n_new[rows].max())
+        valid = torch.arange(T)[None, :] < n[:, None]
+        take = torch.where(valid, first[rows, None] + torch.arange(T)[None, :], 0)
+        p = pos[rows, :T]
+        S = int(p[valid].max()) + 1
+        pages = table[rows, :-(-S // self.page_size)]
+        mask = torch.arange(S)[None, None, None, :] <= p[:, None, :, None]  # causal over absolute positions
+        dev = self.k.device
+        return Group(take.to(dev), take[valid].to(dev), valid.to(dev), pages.to(dev), mask.to(dev))
 
     def own_positions(self, slots, n_new, pos):
         """RoPE position ids of the new tokens: `pos` (their index) unless a slot has its own ids
@@ -258,15 +287,19 @@ class KVCache:
                 rope[b, :n] = own[at:at + n]
         return rope
 
-    def update(self, layer: int, step: Step, k, v):
-        """Store the new (B, h, T, hd) keys/values of real tokens; return each row's full prefix."""
-        S, (B, width) = step.mask.shape[-1], step.pages.shape
-        out = []
+    def write(self, layer: int, step: Step, k, v):
+        """Store the new keys/values (1, h, N, hd) of the step's flat tokens."""
         for buf, new in ((self.k, k), (self.v, v)):
+            buf[layer][step.write_page, step.write_off] = new[0].transpose(0, 1).to(buf.dtype)
+
+    def prefix(self, layer: int, g: Group, dtype):
+        """Each row of a group's full prefix of keys and values, (B, h, S, hd)."""
+        (B, width), S = g.pages.shape, g.mask.shape[-1]
+        out = []
+        for buf in (self.k, self.v):
             pages = buf[layer]  # (n_pages, page_size, h, hd), contiguous
-            pages[step.write_page, step.write_off] = new.transpose(1, 2)[step.write_row, step.write_t].to(buf.dtype)
-            prefix = pages.index_select(0, step.pages.flatten()).view(B, width * self.page_size, *pages.shape[2:])[:, :S]
-            out.append(prefix.transpose(1, 2).to(new.dtype))
+            prefix = pages.index_select(0, g.pages.flatten()).view(B, width * self.page_size, *pages.shape[2:])[:, :S]
+            out.append(prefix.transpose(1, 2).to(dtype))
         return out
 
 
@@ -315,8 +348,13 @@ class Llama(nn.Module):
         B, T = tokens.shape
         n_new = list(n_new) if n_new is not None else [T] * B
         plan = cache.reserve(list(slots), n_new, T)
-        out = (torch.arange(B, device=tokens.device), torch.tensor(n_new, device=tokens.device) - 1) if last_only else None
-        return self.blocks(tokens, plan.rope, out, cache, plan)
+        flat = tokens[plan.flat][None]  # (1, N): the real tokens only
+        if last_only:
+            return self.blocks(flat, plan.rope, (torch.zeros_like(plan.last), plan.last), cache, plan)
+        logits = self.blocks(flat, plan.rope, None, cache, plan)[0]
+        out = logits.new_zeros(B, T, logits.shape[-1])  # padding positions: zeros
+        out[plan.flat] = logits
+        return out
 
     def blocks(self, tokens, pos, out, cache=None, plan=None, hidden=False):
         """Embedding, RoPE at `pos`, the blocks, the norm and the output layer where `out` says
