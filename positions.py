@@ -43,8 +43,8 @@ class Positions:
 
     @classmethod
     def of_run(cls, cfg: dict) -> "Positions":
-        """The scheme a run was trained with, from its config.json (runs before it existed: contiguous)."""
-        return cls(cfg.get("positions", "contiguous"), cfg.get("max_gap", 12))
+        """The scheme a run (config.json) or a base (positions.json) was trained with."""
+        return cls(cfg["positions"], cfg["max_gap"])
 
     def describe(self) -> str:
         """For tables: 'contiguous', 'stretched 1-3'."""

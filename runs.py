@@ -46,8 +46,6 @@ def resolve(path):
 # ----------------------------------------------------------------------------- while training
 OUTPUTS = ("checkpoint.pt", "config.json", "metrics.jsonl", "summary.json", "adapter", "model")  # what a run writes
 # what may differ when a run is resumed; any other difference in config.json refuses the resume
-# config keys added since the first runs, with the value those runs had in effect (so they resume)
-ADDED_KEYS = {"positions": "contiguous", "max_gap": 12}
 MAY_CHANGE_ON_RESUME = {"run", "resume", "steps", "minutes", "device", "eval_every", "save_every", "overwrite"}
 
 
@@ -136,8 +134,7 @@ def claimed(cfg, model, opt, record, world):
 
 def check_resume(run, record: dict):
     """Refuse to resume a run with a different config, naming the keys, before writing anything."""
-    stored = {**ADDED_KEYS, **read_json_object(os.path.join(run, "config.json"))}
-    stored.setdefault("schedule_steps", stored.get("steps"))  # runs from before extensions: the budget they had
+    stored = read_json_object(os.path.join(run, "config.json"))
     record = json.loads(json.dumps(record))  # tuples as lists, as stored
     keys = sorted(k for k in set(stored) | set(record) if k not in MAY_CHANGE_ON_RESUME and stored.get(k) != record.get(k))
     if keys:  # named as the flags that set them
@@ -236,7 +233,7 @@ def read_run_config(run) -> dict:
         raise ValueError(f"{run} is a base model, not a run: fine-tune it with `python retuning.py train --base {run}`")
     if cfg.get("command") == "pretrain":
         raise ValueError(f"{run} is a pretraining run: its base is in {cfg.get('export', 'its model/ folder')}")
-    missing = [k for k in ("task", "method", "base", "train_length") if k not in cfg]
+    missing = [k for k in ("task", "method", "base", "train_length", "positions", "max_gap") if k not in cfg]
     if missing:
         raise ValueError(f"{path}: missing {', '.join(missing)}")
     for key, known in (("task", TASKS), ("method", METHODS)):
