@@ -25,7 +25,7 @@ cd "$(dirname "$0")"
 if [ "${1:-}" = smollm2 ]; then
     OUT=${OUT:-results/smollm2}
     TASKS=${TASKS:-addition parity dp}
-    declare -A STEPS=([addition]=1000 [parity]=1000 [dp]=700) MAX_LEN=([addition]=5 [parity]=8 [dp]=5)
+    declare -A STEPS=([addition]=1000 [parity]=400 [dp]=700) MAX_LEN=([addition]=5 [parity]=8 [dp]=5)
     for task in $TASKS; do
         for method in retuning baseline scratchpad; do
             [ -f "$OUT/$task-$method/summary.json" ] && continue  # finished: kept (rm -r it to train again)
