@@ -40,7 +40,8 @@ if [ "${1:-}" = smollm2 ]; then
     done
     runs=()
     for task in $TASKS; do runs+=("$OUT"/"$task"-*/); done
-    python eval.py "${runs[@]}" --per-length "${PER_LENGTH:-50}" --by-step --out "$OUT/eval" | tee "$OUT/eval.log"
+    EVAL_OUT=${EVAL_OUT:-$OUT/eval}  # e.g. EVAL_OUT=results/smollm2/eval-parity with TASKS=parity
+    python eval.py "${runs[@]}" --per-length "${PER_LENGTH:-50}" --by-step --out "$EVAL_OUT" | tee "$EVAL_OUT.log"
     exit 0
 fi
 OUT=${OUT:-results}
