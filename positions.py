@@ -54,7 +54,13 @@ class Positions:
     def of_base(cls, folder) -> "Positions":
         """The scheme a base was pretrained with (positions.json; none: contiguous, as any HF model)."""
         path = os.path.join(folder, "positions.json")
-        return cls.of_run(read_json_object(path)) if os.path.isfile(path) else cls()
+        if not os.path.isfile(path):
+            return cls()
+        saved = read_json_object(path)
+        missing = [k for k in ("positions", "max_gap") if k not in saved]
+        if missing:
+            raise ValueError(f"{path}: missing {', '.join(missing)}")
+        return cls.of_run(saved)
 
     def save(self, folder):
         write_json(os.path.join(folder, "positions.json"), {"positions": self.scheme, "max_gap": self.max_gap})
