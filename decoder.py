@@ -52,7 +52,8 @@ class Limits:
 
 
 def eval_limits(task, method, tok, problems) -> Limits:
-    """Guards sized from the true traces: about twice the longest completion, context and depth."""
+    """Guards sized from the true traces: about twice the longest completion and context, and twice
+    the number of contexts (which bounds the depth)."""
     comp, ctx, n_ctx = 8, 8, 1
     for p in problems:
         trace = TASKS[task].trace(p, method)
@@ -176,7 +177,7 @@ class Solve:
 # ----------------------------------------------------------------------------- the batched decoder
 @torch.no_grad()
 def decode(model, tok, task, method, problems, lim=None, cache=None, positions=None) -> list:
-    """Solve a batch of problems; all open contexts advance together, each with its own cache.
+    """Solve a batch of problems; all open contexts advance together, each in its own slot of one cache.
 
     One step feeds every problem's top context its pending tokens in one forward call: one token
     where it is decoding, a prompt or a resume where it is prefilling (the model runs on exactly

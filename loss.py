@@ -12,7 +12,7 @@ tests/test_train.py checks against the plain step.
 """
 import torch
 
-# exp of a float32 below -87.3 is a denormal or 0; CPU exp kernels take a ~10x slower path there,
+# exp of a float32 below -87.3 is a denormal or 0; CPU exp kernels take a far slower path there,
 # and most of a 49k-word softmax lies there. Clamped, each such term is 1.6e-38 instead, which
 # changes neither the sum (>= 1) nor any gradient anyone could measure.
 UNDERFLOW = -87.0

@@ -157,7 +157,7 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, cache=None, layer=0, step=None, out=None):
         """`out` (the last block only): the positions the output layer reads, an index into (B, T).
         Past attention nothing mixes positions, so the MLP runs on those alone: in training only
-        the ~half of the tokens that carry loss, when decoding one token per row."""
+        the tokens that carry loss, when decoding one token per row."""
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, step)
         if out is not None:
             x = x[out]

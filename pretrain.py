@@ -27,7 +27,7 @@ MAX_ITEMS = 16  # list items (fine-tuning: at most 6, evaluation: at most 12)
 
 # The words of the tasks' prompts and completions. A pretrained LLM can write all of them; a tiny
 # base that never wrote "Carry" or "Call" has untrained output embeddings for them, and LoRA (which
-# leaves lm_head frozen) then cannot make them likely: a first base scored ~1% on those tokens.
+# leaves lm_head frozen) then cannot make them likely (docs/EXPERIMENTS.md).
 WORDS = ("Carry Output Call: Return: Answer: Solution: Question: What is the parity of Compute one element "
          "at a time. Create dp array chosen indices sum item can use True False Append max return. If there "
          "only we should it else call with minus first to get Reconstructing all together, output input "

@@ -330,7 +330,8 @@ def get_lr(step, cfg: TrainConfig, elapsed=0.0):
     # 1) linear warm-up, 2) constant (the paper's schedule) or 3) cosine decay to 10%, over the
     # steps or, with --minutes, over the wall time (a budget in minutes, not in steps). A run
     # extended past its first budget (--resume --steps N) goes on at the final 10%: its schedule
-    # spans the first budget, so the extension neither restarts nor rescales what was done.
+    # spans the first budget, so the extension neither restarts nor rescales what was done (a
+    # --minutes budget changed on resume does rescale it: the wall time has no first budget kept).
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     if cfg.schedule == "constant":

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The prepared GPU check, for a machine with CUDA (one GPU, or more for the torchrun line):
 #
-#   bash bench/gpu.sh            # about 6-8 minutes on one H100; OUT=/tmp/retuning-gpu keeps the logs
+#   bash bench/gpu.sh            # each check under its own time limit; OUT=/tmp/retuning-gpu keeps the logs
 #
 # Runs, each under its own time limit: the CUDA tests; the decoder benchmark (batched decoder vs
 # the release's generate-per-context harness, bench/decode.py) at the embedded, SmolLM2-135M and

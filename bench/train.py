@@ -12,8 +12,9 @@ transformers + peft get the same contexts as a transformers user would write the
 input_ids, an attention_mask and -100 labels. Without --data both get a dense random batch.
 Both models have the same random weights (ours saved in the HF layout, loaded by transformers)
 and the same adapter config; speed does not depend on the weights' values. The two take turns
-step by step (both are held at once: at 7B about 2 x 21 GB of one GPU). Reported: seconds per
-step, useful (loss-carrying) tokens/s, and last `speed-up: N.NNx` of ours over transformers + peft.
+step by step (both are held at once: bench/memory.py says how much that is at 7B). Reported: seconds
+per step, useful (loss-carrying) tokens/s, `speed-up: N.NNx` of ours over transformers + peft, and
+last `of peak: NN%`, the step's matrix FLOPs over the CPU's own matmul rate.
 """
 import argparse
 import os
@@ -72,8 +73,7 @@ def clock(step, items, device) -> float:
 
 def interleaved(steps, batches, device):
     """Seconds per step of each implementation, taking turns on each batch, after WARMUP
-    batches. Turns, not one run after the other: on a shared machine the speed drifts by 15-20%
-    within a minute, and the drift then falls on both sides alike instead of on one."""
+    batches. Turns, not one run after the other: a CPU's speed drifts within a minute, and the drift then falls on both sides alike instead of on one."""
     total = [0.0] * len(steps)
     for i, items in enumerate(batches):
         for k, step in enumerate(steps):

@@ -2,7 +2,7 @@
 and marks the two slower kinds of test, so that a fast tier can leave them out:
 
     python -m pytest -q tests                                       # everything (CI)
-    python -m pytest -q tests -m "not oracle and not processes"     # requirements.txt only, ~20 s
+    python -m pytest -q tests -m "not oracle and not processes"     # requirements.txt and pytest
 
 oracle: checks against another implementation (transformers, peft, gguf, tokenizers), which
 requirements-dev.txt installs; processes: spawns torchrun or training processes (tests/test_dist.py).
