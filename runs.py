@@ -179,8 +179,11 @@ def resume(run, model, opt) -> dict:
 
 def restore(ckpt: dict, model, opt, path="checkpoint.pt"):
     """Put a checkpoint's weights, optimizer and RNG state in place (its step checked too)."""
-    try:
-        model.load_state_dict(ckpt["model"], strict=False)
+    try:  # the checkpoint holds the trainable weights only: those, and nothing else
+        loaded = model.load_state_dict(ckpt["model"], strict=False)
+        wrong = loaded.unexpected_keys + [k for k in loaded.missing_keys if trainable(model, k)]
+        if wrong:
+            raise ValueError(f"weights {', '.join(wrong[:3])} do not match the model")
         opt.load_state_dict(ckpt["optim"])
         torch.set_rng_state(ckpt["rng"])
         ckpt["step"]  # noqa: B018 -- a checkpoint without its step is refused here too

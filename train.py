@@ -49,7 +49,7 @@ class TrainConfig:
     n_heads: int = 4
     gradient_checkpointing: bool = False  # recompute activations: memory for time
     positions: str = "contiguous"  # position ids in training and at test: positions.py
-    max_gap: int = 12  # positions "stretched": the largest extra step between two tokens
+    max_gap: int = Positions.max_gap  # positions "stretched": the largest extra step between two tokens
     bf16: bool = False  # bfloat16 frozen weights and autocast on the CPU too (always on CUDA)
     # the budget: wall time (the LR schedule follows the clock) or steps, whichever ends first
     minutes: Optional[float] = None

@@ -108,6 +108,11 @@ CASES = {
     "resume from a crafted pickle": (lambda t: torch.save({"step": 1, "args": ModelArgs}, t / "full" / "checkpoint.pt"),
                                      ["train", "--task", "parity", *TINY, "--base", "scratch", "--steps", "2", "--resume", "--out", "{t}/full"],
                                      "checkpoint.pt"),
+    "resume from a checkpoint with a weight the model lacks": (
+        lambda t: torch.save({**torch.load(t / "full" / "checkpoint.pt", weights_only=True),
+                              "model": {**torch.load(t / "full" / "checkpoint.pt", weights_only=True)["model"], "bogus": torch.ones(1)}},
+                             t / "full" / "checkpoint.pt"),
+        ["train", "--task", "parity", *TINY, "--base", "scratch", "--steps", "2", "--resume", "--out", "{t}/full"], "bogus"),
     "train --out a file": (lambda t: write(t / "afile", b"x"), ["train", *TINY, "--base", "scratch", "--out", "{t}/afile"], "afile"),
     "train --base a missing folder": (None, ["train", *TINY, "--base", "{t}/nothing", "--out", "{t}/new"], "nothing"),
     "train on a base whose vocabulary is smaller than its tokenizer's": (
