@@ -177,7 +177,8 @@ class Solve:
 # ----------------------------------------------------------------------------- the batched decoder
 @torch.no_grad()
 def decode(model, tok, task, method, problems, lim=None, cache=None, positions=None) -> list:
-    """Solve a batch of problems; all open contexts advance together, each in its own slot of one cache.
+    """Solve a batch of problems; all open contexts advance together, each in its own slot of one
+    cache.
 
     One step feeds every problem's top context its pending tokens in one forward call: one token
     where it is decoding, a prompt or a resume where it is prefilling (the model runs on exactly

@@ -36,7 +36,8 @@ from tracemodel import TraceModel  # noqa: E402
 
 def taking_turns(runs, rounds):
     """Problems/s and generated tokens/s of each decoder, all of them taking turns `rounds` times
-    on their problems: a CPU's speed drifts within a minute, and taking turns makes the drift fall on every decoder alike instead of on one."""
+    on their problems: a CPU's speed drifts within a minute, and taking turns makes the drift
+    fall on every decoder alike instead of on one."""
     done = {name: [0, 0, 0.0] for name in runs}  # problems, tokens, seconds
     for _ in range(rounds):
         for name, (problems, fn) in runs.items():

@@ -73,7 +73,8 @@ def clock(step, items, device) -> float:
 
 def interleaved(steps, batches, device):
     """Seconds per step of each implementation, taking turns on each batch, after WARMUP
-    batches. Turns, not one run after the other: a CPU's speed drifts within a minute, and the drift then falls on both sides alike instead of on one."""
+    batches. Turns, not one run after the other: a CPU's speed drifts within a minute, and the
+    drift then falls on both sides alike instead of on one."""
     total = [0.0] * len(steps)
     for i, items in enumerate(batches):
         for k, step in enumerate(steps):

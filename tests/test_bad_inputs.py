@@ -48,6 +48,13 @@ def edit_json(path, change):
         json.dump(cfg, f)
 
 
+def add_weight(path, name):
+    """A checkpoint that also holds a weight `name` its model does not have."""
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["model"][name] = torch.ones(1)
+    torch.save(ckpt, path)
+
+
 def write(path, data: bytes):
     with open(path, "wb") as f:
         f.write(data)
@@ -109,9 +116,7 @@ CASES = {
                                      ["train", "--task", "parity", *TINY, "--base", "scratch", "--steps", "2", "--resume", "--out", "{t}/full"],
                                      "checkpoint.pt"),
     "resume from a checkpoint with a weight the model lacks": (
-        lambda t: torch.save({**torch.load(t / "full" / "checkpoint.pt", weights_only=True),
-                              "model": {**torch.load(t / "full" / "checkpoint.pt", weights_only=True)["model"], "bogus": torch.ones(1)}},
-                             t / "full" / "checkpoint.pt"),
+        lambda t: add_weight(t / "full" / "checkpoint.pt", "bogus"),
         ["train", "--task", "parity", *TINY, "--base", "scratch", "--steps", "2", "--resume", "--out", "{t}/full"], "bogus"),
     "train --out a file": (lambda t: write(t / "afile", b"x"), ["train", *TINY, "--base", "scratch", "--out", "{t}/afile"], "afile"),
     "train --base a missing folder": (None, ["train", *TINY, "--base", "{t}/nothing", "--out", "{t}/new"], "nothing"),
