@@ -19,7 +19,7 @@ import torch
 
 from tasks import METHODS, TASKS, Addition, context_ids
 
-UPSAMPLE = 3  # copies of each short Re-Tuning context; the release up-samples them, the factor is ours
+UPSAMPLE = 3  # default copies of each short Re-Tuning context; the release up-samples them, the factor is ours
 DP_EXHAUSTIVE_LIMIT = 200_000  # enumerate all DP arrays when there are at most this many
 
 
@@ -53,18 +53,20 @@ def context_size(task, prompt):
     return prompt[prompt.index("["):prompt.index("]")].count(",") + 1
 
 
-def balance(task, contexts, n, rng):
-    """n contexts with an equal share per sub-problem size, UPSAMPLE times that for sizes 1-2.
+def balance(task, contexts, n, rng, upsample=UPSAMPLE):
+    """n contexts with an equal share per sub-problem size, `upsample` times that for sizes 1-2.
 
     De-duplication leaves only 100 distinct 1-digit additions among thousands of long contexts; the
     release up-samples short contexts to compensate. Without it a small model never learns the
     base case, and every recursion ends in it. Within a size, every distinct context comes once
-    before any comes twice.
+    before any comes twice. DP's sizes 1-2 have only 33 and 368 distinct contexts, so a factor of 3
+    gives them two thirds of the data, each repeated 20-230 times, and starves sizes 3-5, where its
+    Re-Tuning fails (docs/EXPERIMENTS.md): `train --upsample 1` gives every size an equal share.
     """
     groups = collections.defaultdict(list)
     for ctx in contexts:
         groups[context_size(task, ctx[0])].append(ctx)
-    weight = {k: UPSAMPLE if k <= 2 else 1 for k in groups}
+    weight = {k: upsample if k <= 2 else 1 for k in groups}
     out = []
     for k in sorted(groups):
         m = -(-n * weight[k] // sum(weight.values()))  # ceil, so the sizes add up to at least n
@@ -73,7 +75,7 @@ def balance(task, contexts, n, rng):
     return out[:n]
 
 
-def training_contexts(task, method, max_len, seed, n):
+def training_contexts(task, method, max_len, seed, n, upsample=UPSAMPLE):
     """n training contexts (segment lists), a pure function of the arguments. Baseline and scratchpad:
     one per problem. Re-Tuning: the distinct contexts of the problems' traces (de-duplicated for
     addition and DP, as the release), balanced over sub-problem sizes by `balance`, shuffled."""
@@ -89,7 +91,7 @@ def training_contexts(task, method, max_len, seed, n):
                 out.append(ctx)
         if len(out) >= n:
             break
-    return balance(task, out, n, rng)
+    return balance(task, out, n, rng, upsample)
 
 
 def eval_problems(task, length, n, seed):

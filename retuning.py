@@ -133,6 +133,8 @@ def task_flags(t, cls=FinetuneConfig):
     g.add_argument("--max-len", type=positive, default=None, help="longest training problem (default per task: %s)"
                    % {name: task.train_len for name, task in TASKS.items()})
     g.add_argument("--rehearsal", type=fraction, default=cls.rehearsal, help="add this fraction of pretraining items (pretrain.py) to the data")
+    g.add_argument("--upsample", type=positive, default=cls.upsample,
+                   help="Re-Tuning: sub-problems of sizes 1-2 get this many times a larger size's share of the data")
     g.add_argument("--n-examples", type=positive, default=None,
                    help="training contexts drawn, then repeated (default: steps x batch size, or 100000 with --minutes)")
 

@@ -25,7 +25,7 @@ from tqdm import tqdm
 import dist
 import pretrain
 from checkpoint import Tokenizer, check_vocabulary, tokenizer_file, write_json
-from data import batches, collate, eval_problems, training_contexts
+from data import UPSAMPLE, batches, collate, eval_problems, training_contexts
 from decoder import decode, eval_limits
 from lora import TARGETS, apply_lora
 from loss import linear_cross_entropy
@@ -89,6 +89,7 @@ class FinetuneConfig(TrainConfig):
     method: str = "retuning"
     max_len: Optional[int] = None  # longest training problem (None: the task's own, tasks.Task.train_len)
     rehearsal: float = 0.0  # pretraining items added, as a fraction of the task's contexts
+    upsample: int = UPSAMPLE  # Re-Tuning data: sizes 1-2 get this many times a larger size's share (data.balance)
     full: bool = False  # every weight instead of LoRA
     lora_r: int = 64
     lora_alpha: float = 64
@@ -186,7 +187,7 @@ def build_model(cfg: TrainConfig, frozen=False):
 
 def finetune_data(cfg: FinetuneConfig, tok) -> list:
     """(ids, loss mask) of each training context of the task, pretraining items mixed in on request."""
-    contexts = training_contexts(cfg.task, cfg.method, cfg.max_len, cfg.seed, cfg.n_examples)
+    contexts = training_contexts(cfg.task, cfg.method, cfg.max_len, cfg.seed, cfg.n_examples, cfg.upsample)
     if cfg.rehearsal:  # keep the base's skills alive: mix in its pretraining items (pretrain.py)
         extra = pretrain.corpus(cfg.seed + 1, int(cfg.rehearsal * len(contexts)))
         contexts = [c for pair in zip(contexts, extra) for c in pair] + contexts[len(extra):]

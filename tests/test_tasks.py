@@ -243,6 +243,13 @@ def test_addition_retuning_contexts_are_deduplicated_and_balanced_over_sizes_wit
     assert len({c for c in counts if data.context_size("addition", c[0]) == 1}) == 100  # every 1-digit fact
 
 
+def test_dp_retuning_with_upsample_one_gives_every_sub_problem_size_an_equal_share():
+    def sizes(**kw):
+        return collections.Counter(data.context_size("dp", c[0]) for c in data.training_contexts("dp", "retuning", 4, 0, 2000, **kw))
+    assert sizes(upsample=1) == {1: 500, 2: 500, 3: 500, 4: 500}
+    assert sizes() == {1: 750, 2: 750, 3: 250, 4: 250}  # the default: sizes 1-2 three times a larger one
+
+
 def test_parity_retuning_trains_on_sub_lists_with_short_contexts_upsampled():
     contexts = data.training_contexts("parity", "retuning", 21, 0, 2100)
     sizes = collections.Counter(ctx[0].count(",") + 1 for ctx in contexts)
