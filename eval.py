@@ -78,7 +78,8 @@ def clip(text, other, width=120) -> str:
     return ("..." if start else "") + text[start:start + width]
 
 
-def evaluate(run, lengths, per_length, seed, batch_size, device, n_failures=3, by_step=False, world=dist.World()):
+def evaluate(run, lengths, per_length, seed, batch_size, device, n_failures=3, by_step=False, by_context=False,
+             world=dist.World()):
     """One run's accuracy per length. Under torchrun each process decodes its share of every
     length's problems (its own model and KV cache) and rank 0 gets all outcomes, in problem
     order, so the tables are the single process's."""
@@ -117,7 +118,11 @@ def evaluate(run, lengths, per_length, seed, batch_size, device, n_failures=3, b
     if by_step and world.main:  # where it breaks: each step teacher-forced (steps.py); rank 0 alone
         by_step = steps.by_step(model, tok, task, method, lengths, per_length, seed, batch_size, pos)
         print(steps.table(f"{task} {method}", by_step))
-    return {"by_step": by_step or None, "run": run, "task": task, "method": method, "train_length": cfg["train_length"],
+    if by_context and method == "retuning" and world.main:  # deeper: every context of the recursions
+        by_context = steps.by_context(model, tok, task, lengths, per_length, seed, batch_size, pos)
+        print(steps.table(f"{task} {method}, every context", by_context, rows="kind / size"))
+    return {"by_step": by_step or None, "by_context": by_context or None, "run": run, "task": task, "method": method,
+            "train_length": cfg["train_length"],
             "positions": pos.describe(),
             "accuracy": acc, "count": count, "seconds": round(dt, 1), "generated_tokens": n_tokens,
             "in_distribution": sum(ind) / len(ind) if ind else None,
@@ -197,6 +202,8 @@ def write(results, out):
     md = table(results) + "\n\n" + comparison(results)
     md += "".join("\n\n" + steps.table(f"{r['task']} {r['method']} ({positions(r)})", r["by_step"])
                   for r in results if r["by_step"])
+    md += "".join("\n\n" + steps.table(f"{r['task']} {r['method']}, every context", r["by_context"], rows="kind / size")
+                  for r in results if r.get("by_context"))
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(md + "\n")
     plot(results, out)
@@ -219,6 +226,8 @@ def parser():
                    % {name: task.paper_eval_lengths for name, task in TASKS.items()})
     p.add_argument("--per-length", type=positive, default=20, help="fresh problems per length (default 20)")
     p.add_argument("--by-step", action="store_true", help="also each step's teacher-forced accuracy (steps.py): where a method breaks")
+    p.add_argument("--by-context", action="store_true", help="Re-Tuning: also every context of the recursions, "
+                   "teacher-forced, by kind and sub-problem size (steps.by_context): which sub-call breaks")
     p.add_argument("--seed", type=int, default=1234, help="which problems (a separate stream from training's)")
     p.add_argument("--batch-size", type=positive, default=64, help="problems decoded together (default 64)")
     p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
@@ -251,7 +260,7 @@ def evaluate_all(args, world):
     for run in runs:
         try:
             results.append(evaluate(run, lengths_of(run, args), args.per_length, args.seed, args.batch_size,
-                                    world.device(args.device), by_step=args.by_step, world=world))
+                                    world.device(args.device), by_step=args.by_step, by_context=args.by_context, world=world))
         except (ValueError, OSError, KeyError) as e:  # a bad run folder: say so, go on with the others
             failed.append(run)
             if world.main:

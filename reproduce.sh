@@ -27,6 +27,9 @@ if [ "${1:-}" = smollm2 ]; then
     OUT=${OUT:-results/smollm2}
     TASKS=${TASKS:-addition parity dp}
     declare -A STEPS=([addition]=1000 [parity]=400 [dp]=700) MAX_LEN=([addition]=5 [parity]=8 [dp]=5)
+    # memory, not recipe: DP's scratchpad contexts (~530 tokens) go 8 to a forward pass to fit 24 GiB;
+    # the step still sums the gradient of all 32 (train.train_step)
+    declare -A MICRO=([dp-scratchpad]=8)
     for task in $TASKS; do
         for method in retuning baseline scratchpad; do
             [ -f "$OUT/$task-$method/summary.json" ] && continue  # finished: kept (rm -r it to train again)
@@ -34,7 +37,7 @@ if [ "${1:-}" = smollm2 ]; then
             [ -f "$OUT/$task-$method/checkpoint.pt" ] && again=--resume  # interrupted: continued
             TQDM_MININTERVAL=60 python retuning.py train --task "$task" --method "$method" --base smollm2 \
                 --max-len "${MAX_LEN[$task]}" --bf16 --lora-r 16 --lora-alpha 32 --lora-dropout 0 --lr 1e-3 --warmup 30 \
-                --steps "${STEPS[$task]}" --eval-every 0 --out "$OUT/$task-$method" $again >> "$OUT/$task-$method.log" 2>&1
+                --steps "${STEPS[$task]}" --micro-batch-size "${MICRO[$task-$method]:-32}" --eval-every 0 --out "$OUT/$task-$method" $again >> "$OUT/$task-$method.log" 2>&1
             echo "$task-$method: $(tail -n 1 "$OUT/$task-$method.log")"
         done
     done

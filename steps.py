@@ -12,11 +12,18 @@ The steps, per method (paper Sec. 3):
 - baseline: `answer`;
 - scratchpad: `line 1`, `line 2`, ... each given the true lines before it.
 Returned values are never steps: they are read, not written (the loss mask of training).
+
+`eval.py --by-context` (Re-Tuning) goes below the top: every distinct context of the problems'
+recursions, teacher-forced whole, grouped by its kind (DP has three chains) and sub-problem size,
+so a miss deep in the recursion is seen at the size where it happens, on many contexts.
 """
+import collections
+import re
+
 import torch
 
 import tasks
-from data import eval_problems
+from data import context_size, eval_problems
 from decoder import eval_limits
 from positions import Positions
 
@@ -98,10 +105,38 @@ def by_step(model, tok, task, method, lengths, per_length, seed, batch_size=32, 
     return out
 
 
-def table(label, acc: dict) -> str:
-    """Markdown: one row per length, one column per step (label: what was measured, e.g. the run)."""
+def context_kind(task, prompt):
+    """A context's kind: its prompt's words before the first number or list (DP: three kinds)."""
+    return re.split(r"[-\d\[]", prompt, maxsplit=1)[0].rstrip(" :") or task
+
+
+def by_context(model, tok, task, lengths, per_length, seed, batch_size=32, positions=None):
+    """{kind: {size: accuracy}} over the distinct contexts of fresh problems' Re-Tuning traces; a
+    context is right when greedy decoding from the true prefix reproduces all it writes. Positions
+    (a stretched scheme only) are drawn per context, seeded by its prompt, one budget for all."""
+    budget = max(eval_limits(task, "retuning", tok, eval_problems(task, L, 1, seed)).max_context_len for L in lengths)
+    own = {}
+    for L in lengths:
+        for p in eval_problems(task, L, per_length, seed):
+            for segs in tasks.TASKS[task].trace(p, "retuning"):
+                own.setdefault(tuple(segs), (positions or Positions()).for_context(segs[0], 0, budget))
+    keys, right, count = list(own), collections.Counter(), collections.Counter()
+    for b in range(0, len(keys), batch_size):
+        part = keys[b:b + batch_size]
+        for segs, h in zip(part, step_hits(model, tok, [list(k) for k in part], "retuning", [own[k] for k in part])):
+            key = context_kind(task, segs[0]), str(context_size(task, segs[0]))
+            right[key], count[key] = right[key] + all(h.values()), count[key] + 1
+    out = {}
+    for kind, size in sorted(count, key=lambda k: (k[0], int(k[1]))):
+        out.setdefault(kind, {})[size] = right[kind, size] / count[kind, size]
+    return out
+
+
+def table(label, acc: dict, rows="length") -> str:
+    """Markdown: one row per length (or kind), one column per step (or size); label: e.g. the run."""
     labels = list(dict.fromkeys(k for row in acc.values() for k in row))
-    rows = [f"| {label}: length | " + " | ".join(labels) + " |", "|" + "---|" * (1 + len(labels))]
+    labels = sorted(labels, key=int) if all(k.isdigit() for k in labels) else labels  # sizes in order
+    lines = [f"| {label}: {rows} | " + " | ".join(labels) + " |", "|" + "---|" * (1 + len(labels))]
     for L, row in acc.items():
-        rows.append(f"| {L} | " + " | ".join(f"{100 * row[k]:.0f}" if k in row else "" for k in labels) + " |")
-    return "\n".join(rows)
+        lines.append(f"| {L} | " + " | ".join(f"{100 * row[k]:.0f}" if k in row else "" for k in labels) + " |")
+    return "\n".join(lines)

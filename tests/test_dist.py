@@ -97,9 +97,10 @@ def test_eval_under_two_processes_writes_the_single_process_tables(tmp_path):
     untrained one has), each process decoding half of each length's problems."""
     run = os.path.join(ROOT, "results", "runs", "addition-retuning")
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    evaluation.main([run, "--lengths", "1-3,6", "--per-length", "5", "--by-step", "--out", one])
-    p = torchrun("eval.py", run, "--lengths", "1-3,6", "--per-length", "5", "--by-step", "--out", two)
+    evaluation.main([run, "--lengths", "1-3,6", "--per-length", "5", "--by-step", "--by-context", "--out", one])
+    p = torchrun("eval.py", run, "--lengths", "1-3,6", "--per-length", "5", "--by-step", "--by-context", "--out", two)
     assert p.returncode == 0, p.stdout + p.stderr
+    assert "every context: kind / size" in open(os.path.join(one, "results.md")).read()
     assert open(os.path.join(two, "results.md")).read() == open(os.path.join(one, "results.md")).read()
     a, b = (json.load(open(os.path.join(d, "results.json")))["runs"] for d in (one, two))
     for r in a + b:

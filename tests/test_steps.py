@@ -62,3 +62,49 @@ def test_the_step_table_has_a_row_per_length_and_a_column_per_step():
     md = steps.table("addition retuning", {"1": {"answer": 1.0}, "2": {"call": 0.5, "answer": 0.25}})
     assert md.splitlines()[0] == "| addition retuning: length | answer | call |"
     assert md.splitlines()[3] == "| 2 | 25 | 50 |"
+
+
+class WrongIn(torch.nn.Module):
+    """TraceModel, but wrong at every token of the contexts whose prompt starts with `words`."""
+
+    def __init__(self, inner, words):
+        super().__init__()
+        self.inner, self.args, self.words = inner, inner.args, words
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, tokens, select=None, positions=None):
+        logits = self.inner(tokens)
+        for b, row in enumerate(tokens.tolist()):
+            if TOK.decode(row).lstrip().startswith(self.words):
+                logits[b] = 0
+                logits[b, :, 5] = 1.0
+        return logits if select is None else logits[select]
+
+
+def test_every_context_of_a_perfect_dp_recursion_is_right_by_kind_and_size():
+    problems = eval_problems("dp", 3, 4, 99)
+    acc = steps.by_context(TraceModel(TOK, "dp", "retuning", problems), TOK, "dp", [3], 4, 99)
+    assert acc == {"Compute the maximum sum of nonadjacent subsequences of": {"3": 1.0},
+                   "Create chosen indices array: sum array": {"1": 1.0, "2": 1.0, "3": 1.0},
+                   "Create dp array": {"1": 1.0, "2": 1.0, "3": 1.0}}
+
+
+def test_a_model_wrong_in_one_kind_of_sub_context_loses_only_that_kind():
+    problems = eval_problems("dp", 3, 4, 99)
+    model = WrongIn(TraceModel(TOK, "dp", "retuning", problems), "Create chosen")
+    acc = steps.by_context(model, TOK, "dp", [3], 4, 99)
+    assert set(acc["Create chosen indices array: sum array"].values()) == {0.0}
+    assert set(acc["Create dp array"].values()) == {1.0}
+
+
+@pytest.mark.parametrize("task, prompt, kind", [("addition", "34 + 78\nSolution: ", "addition"),
+                                                ("parity", "What is the parity of [0, 1]?\nSolution: ", "What is the parity of"),
+                                                ("dp", "Create dp array [-2, 4]\nSolution: ", "Create dp array")])
+def test_a_contexts_kind_is_its_prompts_words_before_the_numbers(task, prompt, kind):
+    assert steps.context_kind(task, prompt) == kind
+
+
+def test_the_context_table_has_a_row_per_kind_and_sizes_in_order():
+    md = steps.table("dp retuning", {"a": {"2": 0.5}, "b": {"10": 1.0, "1": 1.0}}, rows="kind / size")
+    assert md.splitlines()[0] == "| dp retuning: kind / size | 1 | 2 | 10 |"
+    assert md.splitlines()[2] == "| a |  | 50 |  |"
