@@ -2,6 +2,7 @@
 
     python eval.py                                  # every run under runs/
     python eval.py runs/addition-retuning --lengths 1-20 --per-length 50 --by-step
+    python eval.py runs/dp-retuning --lengths 2-5 --per-length 50 --by-context   # which sub-call breaks
     python eval.py --combine A/results.json B/results.json --out C   # one table from two evaluations
 
 Writes, into a new folder per evaluation (runs/eval/<date-time>/ unless --out names one),
