@@ -115,11 +115,11 @@ def by_context(model, tok, task, lengths, per_length, seed, batch_size=32, posit
     context is right when greedy decoding from the true prefix reproduces all it writes. Positions
     (a stretched scheme only) are drawn per context, seeded by its prompt, one budget for all."""
     budget = max(eval_limits(task, "retuning", tok, eval_problems(task, L, 1, seed)).max_context_len for L in lengths)
-    own = {}
+    own, positions = {}, positions or Positions()
     for L in lengths:
         for p in eval_problems(task, L, per_length, seed):
             for segs in tasks.TASKS[task].trace(p, "retuning"):
-                own.setdefault(tuple(segs), (positions or Positions()).for_context(segs[0], 0, budget))
+                own.setdefault(tuple(segs), positions.for_context(segs[0], 0, budget))
     keys, right, count = list(own), collections.Counter(), collections.Counter()
     for b in range(0, len(keys), batch_size):
         part = keys[b:b + batch_size]

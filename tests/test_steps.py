@@ -20,18 +20,18 @@ LENGTHS = {"addition": 4, "parity": 3, "dp": 3}
 
 
 class WrongAt(torch.nn.Module):
-    """TraceModel, but it predicts token 5 wherever the true next token is the first of `label`."""
+    """TraceModel, but it predicts token 5 at the (row, position) spots `where(tokens)` names."""
 
-    def __init__(self, inner, first_tokens):
+    def __init__(self, inner, where):
         super().__init__()
-        self.inner, self.args, self.first = inner, inner.args, first_tokens
+        self.inner, self.args, self.where = inner, inner.args, where
         self.dummy = torch.nn.Parameter(torch.zeros(1))
 
     def forward(self, tokens, select=None, positions=None):
         logits = self.inner(tokens)
-        for b, t in self.first:
-            logits[b, t - 1] = 0
-            logits[b, t - 1, 5] = 1.0
+        for b, t in self.where(tokens):
+            logits[b, t] = 0
+            logits[b, t, 5] = 1.0
         return logits if select is None else logits[select]
 
 
@@ -52,7 +52,8 @@ def test_a_model_wrong_at_one_step_loses_only_that_step():
     contexts = [steps.top_context("addition", p, "retuning") for p in problems]
     spans = [steps.step_spans(TOK, c, "retuning")[1] for c in contexts]
     answer_starts = [(b, dict((lab, lo) for lab, lo, _ in s)["answer"]) for b, s in enumerate(spans)]
-    model = WrongAt(TraceModel(TOK, "addition", "retuning", problems), answer_starts[:2])
+    wrong = [(b, t - 1) for b, t in answer_starts[:2]]  # the prediction at t - 1 is the choice of token t
+    model = WrongAt(TraceModel(TOK, "addition", "retuning", problems), lambda tokens: wrong)
     hits = steps.step_hits(model, TOK, contexts, "retuning")
     assert [h["call"] for h in hits] == [True, True, True]
     assert [h["answer"] for h in hits] == [False, False, True]
@@ -64,21 +65,10 @@ def test_the_step_table_has_a_row_per_length_and_a_column_per_step():
     assert md.splitlines()[3] == "| 2 | 25 | 50 |"
 
 
-class WrongIn(torch.nn.Module):
-    """TraceModel, but wrong at every token of the contexts whose prompt starts with `words`."""
-
-    def __init__(self, inner, words):
-        super().__init__()
-        self.inner, self.args, self.words = inner, inner.args, words
-        self.dummy = torch.nn.Parameter(torch.zeros(1))
-
-    def forward(self, tokens, select=None, positions=None):
-        logits = self.inner(tokens)
-        for b, row in enumerate(tokens.tolist()):
-            if TOK.decode(row).lstrip().startswith(self.words):
-                logits[b] = 0
-                logits[b, :, 5] = 1.0
-        return logits if select is None else logits[select]
+def in_contexts_starting(words):
+    """Every position of the rows whose text starts with `words` (for WrongAt)."""
+    return lambda tokens: [(b, slice(None)) for b, row in enumerate(tokens.tolist())
+                           if TOK.decode(row).lstrip().startswith(words)]
 
 
 def test_every_context_of_a_perfect_dp_recursion_is_right_by_kind_and_size():
@@ -91,7 +81,7 @@ def test_every_context_of_a_perfect_dp_recursion_is_right_by_kind_and_size():
 
 def test_a_model_wrong_in_one_kind_of_sub_context_loses_only_that_kind():
     problems = eval_problems("dp", 3, 4, 99)
-    model = WrongIn(TraceModel(TOK, "dp", "retuning", problems), "Create chosen")
+    model = WrongAt(TraceModel(TOK, "dp", "retuning", problems), in_contexts_starting("Create chosen"))
     acc = steps.by_context(model, TOK, "dp", [3], 4, 99)
     assert set(acc["Create chosen indices array: sum array"].values()) == {0.0}
     assert set(acc["Create dp array"].values()) == {1.0}
