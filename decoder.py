@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from model import KVCache
+from kvcache import KVCache
 from positions import Positions
 from tasks import TASKS, child_prompt, completion_ids, context_ids, prompt_ids, read_completion, resume_ids, resume_text
 
@@ -182,7 +182,7 @@ def decode(model, tok, task, method, problems, lim=None, cache=None, positions=N
 
     One step feeds every problem's top context its pending tokens in one forward call: one token
     where it is decoding, a prompt or a resume where it is prefilling (the model runs on exactly
-    those tokens, no padding; model.Step). Pass a `cache` to reuse one pool of slots across
+    those tokens, no padding; kvcache.Step). Pass a `cache` to reuse one pool of slots across
     batches. `positions` (positions.py) numbers each context's tokens; default 0, 1, 2, ...
     """
     model.eval()

@@ -1,4 +1,4 @@
-"""A Llama in one file: the network and its key/value cache (checkpoint.py reads and writes it).
+"""A Llama in one file (checkpoint.py reads and writes it; kvcache.py is its decoding cache).
 
 The numbers are those of transformers' LlamaForCausalLM (tests/test_model.py checks logits to
 1e-5 in float32). Module names mirror the Hugging Face keys, minus their leading "model.", so
@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+
+from kvcache import KVCache, attention_dtype
 
 
 @dataclass
@@ -127,7 +129,7 @@ def attend(q, k, v, mask=None):
     in float32 there: faster and more exact. Autocast is switched off around it, else it would cast
     the inputs straight back to bf16.
     """
-    if q.device.type != "cpu" or q.dtype != torch.bfloat16:
+    if attention_dtype(q.device.type, q.dtype) == q.dtype:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
     with torch.autocast("cpu", enabled=False):
         y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, is_causal=mask is None,
@@ -162,145 +164,6 @@ class Block(nn.Module):
         if out is not None:
             x = x[out]
         return x + self.mlp(self.post_attention_layernorm(x))
-
-
-@dataclass
-class Group:
-    """Rows of one step that attend together: their queries padded to (B, T) from the flat tokens."""
-    take: torch.Tensor  # (B, T) index of each query in the step's flat tokens (padding: any index)
-    put: torch.Tensor  # (N,) the flat index of each real query, row by row
-    valid: torch.Tensor  # (B, T) True at real queries
-    pages: torch.Tensor  # (B, n_pages) each row's pages in order, padded with the null page 0
-    mask: torch.Tensor  # (B, 1, T, S) True where a query may attend to a cached key
-
-
-@dataclass
-class Step:
-    """Where one ragged forward call reads and writes in a KVCache (built on the host). Its real
-    tokens are flattened into one sequence (rows back to back, no padding), so every projection
-    and MLP runs once over exactly them; only attention needs rows, and it gets them in two
-    groups: one-token rows (decoding) and longer ones (prefills), else a decoding row would be
-    padded to a prefill's length and attend for all of it."""
-    rope: torch.Tensor  # (1, N) each flat token's RoPE position id
-    write_page: torch.Tensor  # (N,) the page and offset each flat token's keys/values go to
-    write_off: torch.Tensor
-    last: torch.Tensor  # (B,) each row's last token in the flat sequence
-    flat: tuple  # (rows, times): where the flat tokens sit in the (B, T) input
-    groups: list
-
-
-class KVCache:
-    """Keys and values of many independent sequences ("slots"), owned by the caller, in pages.
-
-    Storage k, v: (n_layers, n_pages, page_size, n_kv_heads, head_dim). A slot is a list of pages
-    holding its tokens in order, so memory follows what each context really holds (a recursion
-    opens many short contexts and few long ones) and a released slot's pages are reused at once.
-    Page 0 stays zero: rows with fewer pages are padded with it, and masked keys must be finite
-    (a masked-out NaN still poisons softmax @ V). Slots, pages and lengths live on the host: the
-    decoder's control flow needs them anyway, so planning a step costs no device sync.
-    """
-
-    def __init__(self, args: ModelArgs, n_slots: int, max_len: int, device=None, dtype=torch.float32, page_size=16):
-        self.page_size, self.max_len = page_size, max_len
-        n_pages = 1 + 2 * n_slots  # n_slots only sizes the first allocation; storage doubles when full
-        shape = (args.n_layers, n_pages, page_size, args.n_kv_heads, args.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.free_pages = list(range(n_pages - 1, 0, -1))
-        self.length, self.pages, self.free, self.positions = [], [], [], []
-
-    def alloc(self, positions: Optional[torch.Tensor] = None) -> int:
-        """A fresh, empty slot; `positions` gives its i-th token the position id positions[i]
-        instead of i (positions.py: stretched positions at test)."""
-        if not self.free:
-            self.free.append(len(self.length))
-            self.length.append(0)
-            self.pages.append([])
-            self.positions.append(None)
-        slot = self.free.pop()
-        self.positions[slot] = positions
-        return slot
-
-    def release(self, slot: int):
-        self.free_pages += self.pages[slot]
-        self.pages[slot], self.length[slot], self.positions[slot] = [], 0, None
-        self.free.append(slot)
-
-    def in_use(self) -> int:
-        return len(self.length) - len(self.free)
-
-    def new_page(self) -> int:
-        if not self.free_pages:
-            n = self.k.shape[1]
-            self.k, self.v = (torch.cat([buf, torch.zeros_like(buf)], dim=1) for buf in (self.k, self.v))
-            self.free_pages = list(range(2 * n - 1, n - 1, -1))
-        return self.free_pages.pop()
-
-    def reserve(self, slots: list, n_new: list, T: int) -> Step:
-        """Room for n_new[b] more tokens in slot slots[b], and where a forward call of T-token rows
-        writes and reads them. The one place a slot's length grows: the tokens count as held from
-        here on, so callers (the model, or a stand-in that computes nothing) never count them."""
-        P = self.page_size
-        if max(self.length[s] + n for s, n in zip(slots, n_new)) > self.max_len:
-            raise ValueError(f"KV cache overflow: a sequence would exceed max_len={self.max_len}")
-        start = torch.tensor([self.length[s] for s in slots])
-        pos = start[:, None] + torch.arange(T)[None, :]  # (B, T)
-        rope = self.own_positions(slots, n_new, pos)
-        for s, n in zip(slots, n_new):  # pages for the new tokens, which the slot holds from now on
-            while len(self.pages[s]) * P < self.length[s] + n:
-                self.pages[s].append(self.new_page())
-            self.length[s] += n
-        n_t = torch.tensor(n_new)
-        rows, ts = (torch.arange(T)[None, :] < n_t[:, None]).nonzero(as_tuple=True)  # row by row
-        first = torch.cumsum(n_t, 0) - n_t  # each row's first token in the flat sequence
-        wpos, dev = pos[rows, ts], self.k.device
-        width = max(len(self.pages[s]) for s in slots)
-        table = torch.tensor([self.pages[s] + [0] * (width - len(self.pages[s])) for s in slots])  # (B, pages)
-        groups = [self.group(b, pos, n_t, first, table) for b in (n_t == 1, n_t > 1) if b.any()]
-        return Step(rope[rows, ts][None].to(dev), table[rows, wpos // P].to(dev), (wpos % P).to(dev),
-                    (first + n_t - 1).to(dev), (rows.to(dev), ts.to(dev)), groups)
-
-    def group(self, which, pos, n_new, first, table) -> Group:
-        """The rows `which` (a (B,) mask) as one attention call: their queries, pages and mask."""
-        rows = which.nonzero().flatten()
-        n, T = n_new[rows], int(n_new[rows].max())
-        valid = torch.arange(T)[None, :] < n[:, None]
-        take = torch.where(valid, first[rows, None] + torch.arange(T)[None, :], 0)
-        p = pos[rows, :T]
-        S = int(p[valid].max()) + 1
-        pages = table[rows, :-(-S // self.page_size)]
-        mask = torch.arange(S)[None, None, None, :] <= p[:, None, :, None]  # causal over absolute positions
-        dev = self.k.device
-        return Group(take.to(dev), take[valid].to(dev), valid.to(dev), pages.to(dev), mask.to(dev))
-
-    def own_positions(self, slots, n_new, pos):
-        """RoPE position ids of the new tokens: `pos` (their index) unless a slot has its own ids
-        (padding keeps the index). Contiguous decoding, the usual case, copies nothing."""
-        if all(self.positions[s] is None for s in slots):
-            return pos
-        rope = pos.clone()
-        for b, (s, n) in enumerate(zip(slots, n_new)):
-            own, at = self.positions[s], self.length[s]
-            if own is not None:
-                if at + n > len(own):
-                    raise ValueError(f"slot {s} has position ids for {len(own)} tokens, not {at + n}")
-                rope[b, :n] = own[at:at + n]
-        return rope
-
-    def write(self, layer: int, step: Step, k, v):
-        """Store the new keys/values (1, h, N, hd) of the step's flat tokens."""
-        for buf, new in ((self.k, k), (self.v, v)):
-            buf[layer][step.write_page, step.write_off] = new[0].transpose(0, 1).to(buf.dtype)
-
-    def prefix(self, layer: int, g: Group, dtype):
-        """Each row of a group's full prefix of keys and values, (B, h, S, hd)."""
-        (B, width), S = g.pages.shape, g.mask.shape[-1]
-        out = []
-        for buf in (self.k, self.v):
-            pages = buf[layer]  # (n_pages, page_size, h, hd), contiguous
-            prefix = pages.index_select(0, g.pages.flatten()).view(B, width * self.page_size, *pages.shape[2:])[:, :S]
-            out.append(prefix.transpose(1, 2).to(dtype))
-        return out
 
 
 class Llama(nn.Module):

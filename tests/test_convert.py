@@ -22,7 +22,8 @@ transformers = pytest.importorskip("transformers")
 import convert  # noqa: E402
 import retuning  # noqa: E402
 from checkpoint import CheckpointError, Tokenizer  # noqa: E402
-from model import KVCache, Llama  # noqa: E402
+from kvcache import KVCache  # noqa: E402
+from model import Llama  # noqa: E402
 
 DIM, HEADS, KV_HEADS, HIDDEN, LAYERS = 64, 4, 2, 96, 2  # multiples of 32: quantization blocks
 MERGES = [("\u0120", "t"), ("h", "e"), ("\u0120t", "h")]  # "Ġt", "he", "Ġth" (Ġ is GPT-2's space)

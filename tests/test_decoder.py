@@ -15,7 +15,8 @@ import retuning
 import tasks
 from checkpoint import Tokenizer
 from decoder import Limits, decode, decode_naive, format_trace
-from model import KVCache, Llama, ModelArgs
+from kvcache import KVCache
+from model import Llama, ModelArgs
 from positions import Positions
 from runs import EMBEDDED_TOKENIZER, load_run
 from tracemodel import TraceModel

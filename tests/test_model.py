@@ -6,6 +6,7 @@ Everything runs on CPU in float32 (bf16 where stated) on tiny random models buil
 transformers; nothing is downloaded. The reference is transformers.LlamaForCausalLM with eager
 attention (lit-gpt test_model.py, minGPT test_huggingface_import.py compare the same way).
 """
+import copy
 import json
 import os
 import shutil
@@ -13,7 +14,8 @@ import shutil
 import pytest
 import torch
 
-from model import KVCache, Llama, ModelArgs, attend
+from kvcache import KVCache
+from model import Llama, ModelArgs, attend
 
 transformers = pytest.importorskip("transformers")  # the oracle (requirements-dev.txt)
 LlamaConfig, LlamaForCausalLM = transformers.LlamaConfig, transformers.LlamaForCausalLM
@@ -285,6 +287,41 @@ def test_a_released_slot_is_reused_and_starts_empty(ours):
     assert again == slot and cache.length[again] == 0
     # the stale keys at positions past the new prefix must be neither seen nor kept
     assert greedy_cached(ours, cache, again, [1, 5, 9], 8) == greedy(ours, [1, 5, 9], 8)
+
+
+class Counted(KVCache):
+    """Counts the prefixes read from the pages (the kept rows' point is to read fewer)."""
+    n_gathered = 0
+
+    def gathered(self, *args):
+        self.n_gathered += 1
+        return super().gathered(*args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kept_decoding_rows_give_bit_for_bit_the_logits_of_gathering_every_step(ours, dtype):
+    """Rows decoding step after step, a context closing and its slot reused by a new one, a row
+    leaving, rows outgrowing their storage: keeping the decoding rows' prefixes must change no
+    logit, only how often the pages are read."""
+    model = copy.deepcopy(ours).to(dtype)
+    caches = [Counted(OUR_ARGS, 2, 64, dtype=dtype, keep_rows=keep) for keep in (True, False)]
+    logits = [[], []]
+    for cache, out in zip(caches, logits):
+        g = torch.Generator().manual_seed(0)  # the same tokens for both
+        cache.room = 3  # outgrown every few steps
+        slots = [cache.alloc() for _ in range(3)]
+        script = [([5, 3, 7], slots)] + [([1, 1, 1], slots)] * 6  # prefill, then all three decode
+        script += [([1, 4, 1], "reuse 1")] + [([1, 1, 1], None)] * 5 + [([1, 1], "drop 0")] + [([1, 1], None)] * 4
+        for n_new, event in script:
+            if event == "reuse 1":  # the context in slot 1 returned; a new one opens in the same slot
+                cache.release(slots[1])
+                assert cache.alloc() == slots[1]
+            elif event == "drop 0":
+                slots = slots[1:]
+            x = torch.randint(0, 100, (len(n_new), max(n_new)), generator=g)
+            out.append(model.step(x, cache, slots, n_new, last_only=True))
+    assert all(torch.equal(a, b) for a, b in zip(*logits))
+    assert caches[0].n_gathered < 0.6 * caches[1].n_gathered  # 40 of 76 here: kept rows are read far less
 
 
 def test_position_ids_0_1_2_change_nothing_and_a_slots_own_ids_give_the_uncached_logits(ours):
