@@ -28,10 +28,10 @@ class Group:
     valid: torch.Tensor  # (B, T) True at real queries
     pages: torch.Tensor  # (B, n_pages) each row's pages in order, padded with the null page 0
     mask: torch.Tensor  # (B, 1, T, S) True where a query may attend to a cached key
-    # one-token rows only, whose prefixes live in KVCache.rows: gather them all from the pages
-    # (`fresh`) or copy in just each row's new key/value, from (page, offset) to position `at`
+    # None: read from the pages. One-token rows kept in KVCache.rows: True, gather them there
+    # afresh; False, copy in only each row's new key/value, from (page, offset) to position `at`
     fresh: Optional[bool] = None
-    new: tuple = ()  # (page, offset, at), each (B,)
+    new: tuple = ()  # (page, offset, at, row), each (B,)
 
 
 @dataclass
