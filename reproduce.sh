@@ -25,6 +25,7 @@ cd "$(dirname "$0")"
 # digits, parity 1-8 bits, DP 2-5 elements (the paper's); evaluated to twice that (DP: 2-10).
 if [ "${1:-}" = smollm2 ]; then
     OUT=${OUT:-results/smollm2}
+    ONLY=${TASKS:-}  # some tasks only: their evaluation goes to eval-<tasks>, not over eval/
     TASKS=${TASKS:-addition parity dp}
     declare -A STEPS=([addition]=1000 [parity]=400 [dp]=700) MAX_LEN=([addition]=5 [parity]=8 [dp]=5)
     # memory, not recipe: DP's scratchpad contexts (~530 tokens) go 8 to a forward pass to fit 24 GiB;
@@ -43,7 +44,7 @@ if [ "${1:-}" = smollm2 ]; then
     done
     runs=()
     for task in $TASKS; do runs+=("$OUT"/"$task"-*/); done
-    EVAL_OUT=${EVAL_OUT:-$OUT/eval}  # e.g. EVAL_OUT=results/smollm2/eval-parity with TASKS=parity
+    EVAL_OUT=${EVAL_OUT:-$OUT/eval${ONLY:+-${ONLY// /-}}}  # TASKS=parity: results/smollm2/eval-parity
     python eval.py "${runs[@]}" --per-length "${PER_LENGTH:-50}" --by-step --out "$EVAL_OUT" | tee "$EVAL_OUT.log"
     exit 0
 fi
