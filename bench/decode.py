@@ -7,7 +7,7 @@
 
 Every decoder runs the same Llama (random weights at --shape, the embedded default's unless told,
 or a trained --run) on the same, realistic call trees: tracemodel.TraceModel makes the model's choices those of
-the true trace, while the real model still computes every forward pass. So the three columns
+the true trace, while the real model still computes every forward pass. So the decoders
 differ only in how contexts are scheduled and cached:
   batched  all open contexts of all problems advance together, one KV-cache slot per context;
   gathered the same, every step's prefixes gathered from the KV cache's pages (keep_rows=False:
@@ -29,10 +29,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import tasks  # noqa: E402
-from kvcache import KVCache  # noqa: E402
 from checkpoint import Tokenizer  # noqa: E402
 from data import eval_problems  # noqa: E402
 from decoder import Solve, decode, decode_naive, eval_limits  # noqa: E402
+from kvcache import KVCache  # noqa: E402
 from model import Llama, ModelArgs  # noqa: E402
 from runs import EMBEDDED_TOKENIZER, SMOLLM2_DIR, load_run  # noqa: E402
 from shapes import SHAPES  # noqa: E402
