@@ -55,11 +55,13 @@ class Rows:
     computes in: k, v (n_layers, B, h, cap, hd). While the same contexts decode step after step
     (a scratchpad's hundreds of tokens; a batch of problems in lockstep), each step appends one
     key and value per row and attends over views of these, instead of gathering and casting
-    every cached row again. A context that opens, closes or prefills changes the rows."""
+    every cached row again. A row that joins or leaves (its context opens, prefills, calls or
+    returns) changes the rows."""
     key: tuple  # (slot, generation) of each row in order: a reused slot is another context
     length: list  # each row's tokens held
-    k: Optional[torch.Tensor]  # None until the same rows decode a second step
-    v: Optional[torch.Tensor]
+    cap: int = 0  # positions the storage holds per row
+    k: Optional[torch.Tensor] = None  # None until attention first reads the same rows twice
+    v: Optional[torch.Tensor] = None
 
 
 class KVCache:
@@ -71,17 +73,21 @@ class KVCache:
     Page 0 stays zero: rows with fewer pages are padded with it, and masked keys must be finite
     (a masked-out NaN still poisons softmax @ V). Slots, pages and lengths live on the host: the
     decoder's control flow needs them anyway, so planning a step costs no device sync.
-    `keep_rows=False` gathers every step (the reference the kept rows are tested against).
+    `keep_rows=False` gathers every step (the reference the kept rows are tested against); the
+    default keeps rows on the CPU only: they hold the decoding rows' prefixes a second time (in
+    float32 for a bf16 model) for the cache's life, and on a GPU that memory is dearer and the
+    gain unmeasured.
     """
     room = 256  # positions the kept rows can grow by before they are gathered into larger storage
 
     def __init__(self, args, n_slots: int, max_len: int, device=None, dtype=torch.float32, page_size=16,
-                 keep_rows=True):
-        self.page_size, self.max_len, self.keep_rows = page_size, max_len, keep_rows
+                 keep_rows=None):
+        self.page_size, self.max_len = page_size, max_len
         n_pages = 1 + 2 * n_slots  # n_slots only sizes the first allocation; storage doubles when full
         shape = (args.n_layers, n_pages, page_size, args.n_kv_heads, args.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.keep_rows = self.k.device.type == "cpu" if keep_rows is None else keep_rows
         self.free_pages = list(range(n_pages - 1, 0, -1))
         self.length, self.pages, self.free, self.positions, self.generation = [], [], [], [], []
         self.rows, self.row_store = None, None
@@ -165,26 +171,24 @@ class KVCache:
         key, held, S = tuple((s, self.generation[s]) for s in mine), [self.length[s] for s in mine], g.mask.shape[-1]
         old = self.rows
         if not (old is not None and old.key == key and old.length == [n - 1 for n in held]):
-            self.rows = Rows(key, held, None, None)
+            self.rows = Rows(key, held)
             return
         rows = one.nonzero().flatten()
-        g.fresh = old.k is None or old.k.shape[3] < S
-        if g.fresh:
-            self.rows = old = None  # its storage may be reused below
-            self.rows = Rows(key, held, *self.row_buffers(len(mine), min(self.max_len, S + self.room)))
+        g.fresh = old.k is None or old.cap < S  # None: never read (a stand-in model that computes nothing)
+        if g.fresh:  # prefix() gathers them, into storage for `room` more positions
+            self.rows = Rows(key, held, min(self.max_len, S + self.room))
         self.rows.length = held
         at, dev = pos[rows, 0], self.k.device  # each row's new token
         g.new = (table[rows, at // self.page_size].to(dev), (at % self.page_size).to(dev), at.to(dev),
                  torch.arange(len(mine), device=dev))
 
-    def row_buffers(self, B: int, cap: int) -> list:
-        """Views (n_layers, B, h, cap, hd) of the rows' key and value storage, grown when too small
-        and zero at first (masked positions must hold finite numbers, as page 0 does)."""
+    def row_buffers(self, B: int, cap: int, dtype) -> list:
+        """Views (n_layers, B, h, cap, hd) of the rows' key and value storage, in `dtype`, grown
+        when too small and zero at first (masked positions must hold finite numbers, as page 0 does)."""
         L, _, _, h, hd = self.k.shape
         n = L * B * h * cap * hd
-        if self.row_store is None or self.row_store[0].numel() < n:
+        if self.row_store is None or self.row_store[0].numel() < n or self.row_store[0].dtype != dtype:
             self.row_store = None
-            dtype = attention_dtype(self.k.device.type, self.k.dtype)
             self.row_store = [torch.zeros(n, device=self.k.device, dtype=dtype) for _ in range(2)]
         return [buf[:n].view(L, B, h, cap, hd) for buf in self.row_store]
 
@@ -212,13 +216,15 @@ class KVCache:
         pages in `dtype`, or (kept rows) views of self.rows in the dtype attention computes in."""
         if g.fresh is None:
             return [self.gathered(buf, layer, g).to(dtype) for buf in (self.k, self.v)]
-        S, (page, off, at, b) = g.mask.shape[-1], g.new
-        for buf, kept in ((self.k, self.rows.k[layer]), (self.v, self.rows.v[layer])):
+        S, (page, off, at, b), rows = g.mask.shape[-1], g.new, self.rows
+        if rows.k is None:  # the first layer of a fresh gather
+            rows.k, rows.v = self.row_buffers(len(at), rows.cap, attention_dtype(self.k.device.type, dtype))
+        for buf, kept in ((self.k, rows.k[layer]), (self.v, rows.v[layer])):
             if g.fresh:
                 kept[:, :, :S] = self.gathered(buf, layer, g)
             else:  # after write(): the new tokens' keys/values are in their pages
                 kept[b, :, at] = buf[layer][page, off].to(kept.dtype)
-        return [self.rows.k[layer][:, :, :S], self.rows.v[layer][:, :, :S]]
+        return [rows.k[layer][:, :, :S], rows.v[layer][:, :, :S]]
 
     def gathered(self, buf, layer: int, g: Group):
         """One layer's keys or values of the group's rows, read from their pages: (B, h, S, hd)."""
