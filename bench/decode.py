@@ -126,12 +126,11 @@ def main():
     hf = hf_twin(model, args.device)
     print("| length | decoder | problems | problems/s | generated tokens/s | speed-up vs oracle |")
     print("|---|---|---|---|---|---|")
-    T, M, speedups = args.task, args.method, {}
+    T, M, speedups, w = args.task, args.method, {}, next(model.parameters())
     for d in map(int, args.digits.split(",")):
         problems = eval_problems(T, d, args.batch, 0)
         forced = TraceModel(tok, T, M, problems, inner=model).eval()
         lim = eval_limits(T, M, tok, problems[:1])
-        w = next(model.parameters())
         runs = {
             "batched": (problems, lambda ps: decode(forced, tok, T, M, ps, lim)),
             "gathered": (problems, lambda ps: decode(forced, tok, T, M, ps, lim, cache=KVCache(
