@@ -19,7 +19,8 @@ import torch
 
 from tasks import METHODS, TASKS, Addition, context_ids
 
-UPSAMPLE = 3  # default copies of each short Re-Tuning context; the release up-samples them, the factor is ours
+UPSAMPLE = 3  # default weight of each short Re-Tuning sub-problem size: this many times a larger size's share;
+# the release up-samples short contexts, the factor is ours
 DP_EXHAUSTIVE_LIMIT = 200_000  # enumerate all DP arrays when there are at most this many
 
 

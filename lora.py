@@ -34,10 +34,11 @@ class Dropout(nn.Module):
     every forward computes new inputs). With LoRA on all seven projections that is 4 masks per
     layer instead of 7.
     Cheaper: bernoulli_ costs one generator call per element on the CPU, a large share of a small
-    model's training step (docs/REFERENCE.md, "Training speed"). Here each 64-bit draw serves four elements 16 random bits each, and
-    an element is dropped when they fall below p * 2^16: p is rounded to a multiple of 2^-16 (0.05
-    -> 0.0500031) and the kept ones are scaled by 1 / (1 - that p). The default generator draws
-    them, so a resumed run, or a recomputation under gradient checkpointing, gets the same masks.
+    model's training step (docs/REFERENCE.md, "Training speed"). Here each 64-bit draw gives four
+    elements 16 random bits each, and an element is dropped when they fall below p * 2^16: p is
+    rounded to a multiple of 2^-16 (0.05 -> 0.0500031) and the kept ones are scaled by
+    1 / (1 - that p). The default generator draws them, so a resumed run, or a recomputation under
+    gradient checkpointing, gets the same masks.
     """
 
     def __init__(self, p: float):

@@ -5,7 +5,7 @@ The numbers are those of transformers' LlamaForCausalLM (tests/test_model.py che
 loading (checkpoint.py) is a strict, shape-checked copy rather than a translation table.
 
 What differs from the usual single-sequence Llama, and why (Re-Tuning, Sec. 3):
-- the KV cache is an object owned by the caller and passed to forward(); it is a pool of
+- the KV cache is an object owned by the caller and passed to step(); it is a pool of
   independent slots, because the recursive decoder keeps one cache per open context (a parent
   is suspended, with its cache intact, while its child runs in a fresh one);
 - one forward call advances a ragged batch: each row is a slot with its own position and its
@@ -117,7 +117,7 @@ class Attention(nn.Module):
                 k_g, v_g = cache.prefix(layer, g, q.dtype)
                 y_g = attend(q[0][:, g.take].transpose(0, 1), k_g, v_g, g.mask)  # (rows, nh, T, hd)
                 y[0][:, g.put] = y_g.transpose(0, 1)[:, g.valid]
-        # restore time as the batch dimension, final projection into the residual stream
+        # heads back into the channels, final projection into the residual stream
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 

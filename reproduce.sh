@@ -22,13 +22,13 @@ cd "$(dirname "$0")"
 # convert` first), one run at a time (each uses both cores), into results/smollm2/<task>-<method>/;
 # each task's budget in steps is the same for its three formats (parity's training loss is below
 # 1e-3 by step 50 at this recipe, hence 400). Training lengths: addition 1-5
-# digits, parity 1-8 bits, DP 2-5 elements (the paper's); evaluated to twice that (DP: 2-10).
+# digits, parity 1-8 bits (the paper's are longer: 15 and 21), DP 2-5 elements (the paper's); evaluated to twice that (DP: 2-10).
 if [ "${1:-}" = smollm2 ]; then
     OUT=${OUT:-results/smollm2}
     ONLY=${TASKS:-}  # some tasks only: their evaluation goes to eval-<tasks>, not over eval/
     TASKS=${TASKS:-addition parity dp}
     declare -A STEPS=([addition]=1000 [parity]=400 [dp]=700) MAX_LEN=([addition]=5 [parity]=8 [dp]=5)
-    # memory, not recipe: DP's scratchpad contexts (~530 tokens) go 8 to a forward pass to fit 24 GiB;
+    # memory, not recipe: DP's scratchpad contexts (up to ~545 tokens) go 8 to a forward pass to fit 24 GiB;
     # the step still sums the gradient of all 32 (train.train_step)
     declare -A MICRO=([dp-scratchpad]=8)
     for task in $TASKS; do

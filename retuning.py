@@ -136,7 +136,8 @@ def task_flags(t, cls=FinetuneConfig):
     g.add_argument("--upsample", type=positive, default=cls.upsample,
                    help="Re-Tuning: sub-problems of sizes 1-2 get this many times a larger size's share of the data")
     g.add_argument("--n-examples", type=positive, default=None,
-                   help="training contexts drawn, then repeated (default: steps x batch size, or 100000 with --minutes)")
+                   help="training contexts drawn, then repeated (default: train: steps x batch size, or 100000 with --minutes; "
+                        "pretrain: 300000)")
 
 
 def model_flags(t, cls, lora=FinetuneConfig):

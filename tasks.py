@@ -35,7 +35,7 @@ def read_completion(text):
             return "error", "call without its newline"
         # the sub-problem runs up to the final newline; a newline inside it is no sub-problem
         return ("call", sub[:-1]) if "\n" not in sub[:-1] else ("error", "text after the call's newline")
-    return "answer", text[text.rindex("Answer: ") + len("Answer: "):] if "Answer: " in text else text
+    return "answer", (text[text.rindex("Answer: ") + len("Answer: "):] if "Answer: " in text else text)
 
 
 # ---- token contract (SPEC deviation 4) ----

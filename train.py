@@ -132,8 +132,8 @@ def finetune(cfg: FinetuneConfig) -> str:
 
 
 def pretrain_base(cfg: PretrainConfig) -> str:
-    """Pretrain every weight of a base on pretrain.py's corpus, then write it as an HF folder to
-    cfg.export, what `train --base` fine-tunes. Returns the run folder."""
+    """Pretrain every weight of a base on pretrain.py's corpus into an HF folder, <run>/model (or
+    moved to cfg.export), what `train --base` fine-tunes. Returns the run folder."""
     world = dist.init(cfg.device)
     cfg = replace(cfg, device=world.device(cfg.device))
     torch.manual_seed(cfg.seed)

@@ -11,6 +11,7 @@ import os
 import random
 
 import pytest
+import sentencepiece as spm
 
 import data
 import tasks
@@ -287,6 +288,8 @@ def test_context_ids_are_bos_then_separately_encoded_segments_with_loss_on_compl
         tasks.context_ids(tok, segs[:2] + ["Return: x\n", segs[3]])
 
 
+@pytest.mark.skipif(spm.__version__ != "0.2.3", reason="the embedded tokenizer was trained by sentencepiece 0.2.3 "
+                    "(requirements-dev.txt pins it); another version's trainer may write other bytes")
 def test_building_the_tokenizer_twice_gives_the_committed_file(tmp_path):
     data.build_tokenizer(tmp_path / "a.model")
     data.build_tokenizer(tmp_path / "b.model")
