@@ -92,18 +92,7 @@ def evaluate(run, lengths, per_length, seed, batch_size, device, n_failures=3, b
                disable=not world.main)
     for L in lengths:
         problems = eval_problems(task, L, per_length, seed)
-        lim = eval_limits(task, method, tok, problems[:1])
-        mine, outcomes = world.share(list(enumerate(problems))), []
-        wanted = n_failures - len(failures)  # the first failures overall are among each share's first
-        for b in range(0, len(mine), batch_size):
-            part = mine[b:b + batch_size]
-            for (i, _), s in zip(part, decode(model, tok, task, method, [p for _, p in part], lim, positions=pos)):
-                ok = s.answer == TASKS[task].answer(s.problem)
-                words = None if ok or wanted <= 0 else describe(task, method, s)
-                wanted -= words is not None
-                outcomes.append((i, ok, s.n_generated, words))
-            bar.update(len(part) * world.size)
-        outcomes = sorted(o for share in dist.gather(outcomes, world) for o in share)
+        outcomes = decode_length(model, tok, cfg, problems, pos, batch_size, n_failures - len(failures), bar, world)
         failures += [o[3] for o in outcomes if o[3]][:n_failures - len(failures)]
         n_tokens += sum(o[2] for o in outcomes)
         acc[str(L)], count[str(L)] = sum(o[1] for o in outcomes) / len(problems), len(problems)
@@ -129,6 +118,24 @@ def evaluate(run, lengths, per_length, seed, batch_size, device, n_failures=3, b
             "in_distribution": sum(ind) / len(ind) if ind else None,
             "out_of_distribution": sum(ood) / len(ood) if ood else None,
             "training": json.load(open(summary)) if os.path.exists(summary) else None}
+
+
+def decode_length(model, tok, cfg, problems, pos, batch_size, wanted, bar, world):
+    """One length's problems, each process its share -> every outcome, in problem order: (index,
+    right, generated tokens, the failure described or None). Only the first `wanted` failures of
+    each share are described: the first failures overall are among them."""
+    task, method = cfg["task"], cfg["method"]
+    lim = eval_limits(task, method, tok, problems[:1])
+    mine, outcomes = world.share(list(enumerate(problems))), []
+    for b in range(0, len(mine), batch_size):
+        part = mine[b:b + batch_size]
+        for (i, _), s in zip(part, decode(model, tok, task, method, [p for _, p in part], lim, positions=pos)):
+            ok = s.answer == TASKS[task].answer(s.problem)
+            words = None if ok or wanted <= 0 else describe(task, method, s)
+            wanted -= words is not None
+            outcomes.append((i, ok, s.n_generated, words))
+        bar.update(len(part) * world.size)
+    return sorted(o for share in dist.gather(outcomes, world) for o in share)
 
 
 def table(results) -> str:
