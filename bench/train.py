@@ -2,7 +2,7 @@
 
     python bench/train.py --shape embedded --data addition-retuning     # the default fine-tune
     python bench/train.py --shape smollm2 --data addition-retuning --bf16
-    python bench/train.py --shape 7b --device cuda                      # LLaMA-7B, dense 4 x 256
+    python bench/train.py --shape 7b --device cuda --batch 4 --seq 256  # LLaMA-7B, dense 4 x 256
 
 With --data TASK-METHOD each step is a batch of real training contexts (data.training_contexts
 at the task's training length, `train`'s length bucketing; SmolLM2's tokenizer at its shape when
