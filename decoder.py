@@ -183,7 +183,8 @@ def decode(model, tok, task, method, problems, lim=None, cache=None, positions=N
     One step feeds every problem's top context its pending tokens in one forward call: one token
     where it is decoding, a prompt or a resume where it is prefilling (step() pads them into rows,
     and Llama.step runs the model on the real tokens alone; kvcache.Step). Pass a `cache` to reuse
-    one pool of slots across batches. `positions` (positions.py) numbers each context's tokens; default 0, 1, 2, ...
+    one pool of slots across batches. `positions` (positions.py) numbers each context's tokens;
+    default 0, 1, 2, ...
     """
     model.eval()
     lim = lim or Limits()

@@ -21,8 +21,8 @@ cd "$(dirname "$0")"
 # bash reproduce.sh smollm2: the same comparison on the real SmolLM2-135M (`python retuning.py
 # convert` first), one run at a time (each uses both cores), into results/smollm2/<task>-<method>/;
 # each task's budget in steps is the same for its three formats (parity's training loss is below
-# 1e-3 by step 50 at this recipe, hence 400). Training lengths: addition 1-5
-# digits, parity 1-8 bits (the paper's are longer: 15 and 21), DP 2-5 elements (the paper's); evaluated to twice that (DP: 2-10).
+# 1e-3 by step 50 at this recipe, hence 400). Training lengths: addition 1-5 digits, parity 1-8
+# bits (the paper's: 15 and 21), DP 2-5 elements (the paper's); evaluated to twice that (DP: 2-10).
 if [ "${1:-}" = smollm2 ]; then
     OUT=${OUT:-results/smollm2}
     ONLY=${TASKS:-}  # some tasks only: their evaluation goes to eval-<tasks>, not over eval/
