@@ -33,13 +33,17 @@ if [ "${1:-}" = smollm2 ]; then
     declare -A MICRO=([dp-scratchpad]=8)
     for task in $TASKS; do
         for method in retuning baseline scratchpad; do
-            [ -f "$OUT/$task-$method/summary.json" ] && continue  # finished: kept (rm -r it to train again)
+            run="$OUT/$task-$method"
+            # finished (its summary.json counts the whole budget): kept, rm -r it to train again. A run
+            # stopped with Ctrl-C also writes summary.json, with the steps it reached.
+            done_steps=$(python -c 'import json, sys; print(json.load(open(sys.argv[1]))["steps"])' "$run/summary.json" 2>/dev/null || echo 0)
+            [ "$done_steps" -ge "${STEPS[$task]}" ] && continue
             again=--overwrite
-            [ -f "$OUT/$task-$method/checkpoint.pt" ] && again=--resume  # interrupted: continued
+            [ -f "$run/checkpoint.pt" ] && again=--resume  # interrupted: continued from its checkpoint
             TQDM_MININTERVAL=60 python retuning.py train --task "$task" --method "$method" --base smollm2 \
                 --max-len "${MAX_LEN[$task]}" --bf16 --lora-r 16 --lora-alpha 32 --lora-dropout 0 --lr 1e-3 --warmup 30 \
-                --steps "${STEPS[$task]}" --micro-batch-size "${MICRO[$task-$method]:-32}" --eval-every 0 --out "$OUT/$task-$method" $again >> "$OUT/$task-$method.log" 2>&1
-            echo "$task-$method: $(tail -n 1 "$OUT/$task-$method.log")"
+                --steps "${STEPS[$task]}" --micro-batch-size "${MICRO[$task-$method]:-32}" --eval-every 0 --out "$run" $again >> "$run.log" 2>&1
+            echo "$task-$method: $(tail -n 1 "$run.log")"
         done
     done
     runs=()
