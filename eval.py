@@ -102,8 +102,6 @@ def evaluate(run, lengths, per_length, seed, batch_size, device, n_failures=3, b
         print(f"{run}: {len(lengths) * per_length / dt:.1f} problems/s, {n_tokens / dt:.0f} generated tokens/s")
         if failures:
             print("first failures:\n" + "\n".join(failures))
-    ood = [a for L, a in acc.items() if int(L) > cfg["train_length"]]
-    ind = [a for L, a in acc.items() if int(L) <= cfg["train_length"]]
     summary = os.path.join(run, "summary.json")  # what training cost (runs.write_summary)
     if by_step and world.main:  # where it breaks: each step teacher-forced (steps.py); rank 0 alone
         by_step = steps.by_step(model, tok, task, method, lengths, per_length, seed, batch_size, pos)
@@ -115,9 +113,16 @@ def evaluate(run, lengths, per_length, seed, batch_size, device, n_failures=3, b
             "train_length": cfg["train_length"],
             "positions": pos.describe(),
             "accuracy": acc, "count": count, "seconds": round(dt, 1), "generated_tokens": n_tokens,
-            "in_distribution": sum(ind) / len(ind) if ind else None,
-            "out_of_distribution": sum(ood) / len(ood) if ood else None,
+            **means(acc, cfg["train_length"]),
             "training": json.load(open(summary)) if os.path.exists(summary) else None}
+
+
+def means(acc, train_length) -> dict:
+    """Mean accuracy over the lengths in distribution (<= the longest trained on) and beyond it."""
+    ind = [a for L, a in acc.items() if int(L) <= train_length]
+    ood = [a for L, a in acc.items() if int(L) > train_length]
+    return {"in_distribution": sum(ind) / len(ind) if ind else None,
+            "out_of_distribution": sum(ood) / len(ood) if ood else None}
 
 
 def decode_length(model, tok, cfg, problems, pos, batch_size, wanted, bar, world):
@@ -285,21 +290,45 @@ def evaluate_all(args, world):
 
 
 def combine(files, out):
-    """One table and plot from evaluations made separately (their results.json), nothing recomputed."""
+    """One table and plot from evaluations made separately (their results.json), nothing decoded
+    again. A run evaluated at some lengths in one file and at others in another becomes one row."""
     if not files or not out:
         fail("--combine needs results.json files and --out")
     results = []
     for path in files:
         try:
             with open(path) as f:
-                results += json.load(f)["runs"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
+                for r in json.load(f)["runs"]:
+                    same = [x for x in results if key(x) == key(r)]
+                    results += [] if same and merge(same[0], r) else [r]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             fail(f"{path}: not a results.json written by eval.py ({e})")
     if os.path.exists(out) and not os.path.isdir(out):
         fail(f"--out {out} is a file, not a folder")
     os.makedirs(out, exist_ok=True)
     print(write(results, out))
     print(f"wrote {out}/results.json, results.md and the plots")
+
+
+def key(r) -> tuple:
+    return r["run"], r["task"], r["method"], positions(r)
+
+
+def merge(into, r) -> bool:
+    """Add r's lengths to the same run's record `into` (refused where both hold a length: which
+    would be the table's?), and recompute its means."""
+    both = sorted(set(into["accuracy"]) & set(r["accuracy"]), key=int)
+    if both:
+        fail(f"{r['run']} is evaluated at length {both[0]} in two of the files; combine evaluations of different lengths")
+    if into.get("by_context") and r.get("by_context"):  # counted over all of an evaluation's lengths
+        fail(f"{r['run']} has --by-context tables in two of the files, which cannot be merged")
+    for name in ("accuracy", "count", "by_step", "by_context"):
+        if into.get(name) is not None or r.get(name) is not None:
+            into[name] = {**(into.get(name) or {}), **(r.get(name) or {})}
+    into["seconds"] = round(into.get("seconds", 0) + r.get("seconds", 0), 1)
+    into["generated_tokens"] = into.get("generated_tokens", 0) + r.get("generated_tokens", 0)
+    into.update(means(into["accuracy"], into["train_length"]))
+    return True
 
 
 def is_finetune(config_path) -> bool:

@@ -264,6 +264,32 @@ def test_eval_writes_results_json_a_table_and_one_plot_per_task(tmp_path, capsys
     assert "| parity | retuning | contiguous | 6 |" in md and "| parity | baseline | contiguous | 6 |" in md and (tmp_path / "both" / "parity.png").exists()
 
 
+def test_combine_joins_one_runs_lengths_from_two_evaluations_and_recomputes_its_means(tmp_path, capsys):
+    import eval as evaluation
+
+    def record(method, acc, by_step=None):  # as evaluate writes it, one record per run
+        return {"run": f"runs/dp-{method}", "task": "dp", "method": method, "train_length": 5, "positions": "contiguous",
+                "accuracy": acc, "count": {L: 50 for L in acc}, "by_step": by_step, "seconds": 10.0,
+                "generated_tokens": 100, **evaluation.means(acc, 5), "training": None}
+    inside = record("retuning", {"4": 1.0, "5": 0.9}, {"4": {"call": 1.0}, "5": {"call": 0.9}})
+    beyond = record("retuning", {"6": 0.6, "7": 0.4}, {"6": {"call": 0.7}, "7": {"call": 0.5}})
+    files = []
+    for name, runs in [("in", [inside]), ("beyond", [beyond, record("baseline", {"6": 0.1, "7": 0.0})])]:
+        files.append(str(tmp_path / f"{name}.json"))
+        (tmp_path / f"{name}.json").write_text(json.dumps({"runs": runs}))
+    evaluation.main(["--combine", *files, "--out", str(tmp_path / "all")])
+    rt, base = json.loads((tmp_path / "all" / "results.json").read_text())["runs"]
+    assert list(rt["accuracy"]) == ["4", "5", "6", "7"] and list(rt["by_step"]) == ["4", "5", "6", "7"]
+    assert rt["in_distribution"] == pytest.approx(0.95) and rt["out_of_distribution"] == pytest.approx(0.5)
+    assert rt["seconds"] == 20.0 and rt["generated_tokens"] == 200 and base["method"] == "baseline"
+    assert "| dp | baseline | contiguous |  | 5.0 | +45.0 |" in (tmp_path / "all" / "results.md").read_text()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # the same length twice: which result would the table show?
+        evaluation.main(["--combine", files[1], files[1], "--out", str(tmp_path / "twice")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "runs/dp-retuning is evaluated at length 6 in two" in err and len(err.strip().splitlines()) == 1
+
+
 def test_eval_goes_on_past_a_bad_run_and_refuses_bad_lengths_in_one_line(tmp_path, capsys):
     import eval as evaluation
     run = str(tmp_path / "r")
