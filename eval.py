@@ -300,7 +300,10 @@ def combine(files, out):
             with open(path) as f:
                 for r in json.load(f)["runs"]:
                     same = [x for x in results if key(x) == key(r)]
-                    results += [] if same and merge(same[0], r) else [r]
+                    if same:
+                        merge(same[0], r)
+                    else:
+                        results.append(r)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             fail(f"{path}: not a results.json written by eval.py ({e})")
     if os.path.exists(out) and not os.path.isdir(out):
@@ -314,7 +317,7 @@ def key(r) -> tuple:
     return r["run"], r["task"], r["method"], positions(r)
 
 
-def merge(into, r) -> bool:
+def merge(into, r):
     """Add r's lengths to the same run's record `into` (refused where both hold a length: which
     would be the table's?), and recompute its means."""
     both = sorted(set(into["accuracy"]) & set(r["accuracy"]), key=int)
@@ -328,7 +331,6 @@ def merge(into, r) -> bool:
     into["seconds"] = round(into.get("seconds", 0) + r.get("seconds", 0), 1)
     into["generated_tokens"] = into.get("generated_tokens", 0) + r.get("generated_tokens", 0)
     into.update(means(into["accuracy"], into["train_length"]))
-    return True
 
 
 def is_finetune(config_path) -> bool:
